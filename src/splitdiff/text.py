@@ -53,3 +53,27 @@ class TextEncoder:
 @lru_cache(maxsize=1)
 def default_encoder() -> TextEncoder:
     return TextEncoder()
+
+
+class ClipEncoder:
+    """A Stable Diffusion pipeline folder's own CLIP text encoder (77 tokens, no mask, as SD uses it)."""
+
+    def __init__(self, pipeline_dir: Path):
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(pipeline_dir / "tokenizer", local_files_only=True)
+        self.model = CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder", local_files_only=True).eval()
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, None]:
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        return self.model(tok["input_ids"]).last_hidden_state.float(), None
+
+
+def prompt_encoder_for(source: str):
+    """The encoder a model source implies: a pipeline folder's CLIP, else the embedded MiniLM."""
+    path = Path(source).expanduser()
+    if (path / "text_encoder" / "config.json").exists() and (path / "tokenizer").is_dir():
+        return ClipEncoder(path)
+    return default_encoder()

@@ -1,0 +1,219 @@
+"""The `splitdiff` command line: one entry point, a sub-command per job.
+
+User mistakes (UserError) print one line and exit 2; nothing is written on error.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Split diffusion-model inference across time, space and users.")
+train_app = typer.Typer(no_args_is_help=True, help="Train the evaluator and the embedded model family (resumable).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: CSV + PNG plots.")
+app.add_typer(train_app, name="train")
+app.add_typer(bench_app, name="bench")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _check_out(out: Path) -> None:
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"--out {out} must end in one of {', '.join(IMAGE_SUFFIXES)}")
+
+
+def _progress(plan_total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=plan_total, unit="step", dynamic_ncols=True)
+
+    def on_step(model: str, _k: int):
+        bar.set_description(model)
+        bar.update(1)
+
+    return bar, on_step
+
+
+def _pipeline_for(plan, model: list[str] | None, vae: Optional[str], decoder: str):
+    from .core.registry import parse_model_specs, resolve
+    from .hybrid.pipeline import load_pipeline
+
+    specs = parse_model_specs(model)
+    sources = {name: resolve(name, specs) for name in dict.fromkeys(s.model for s in plan)}
+    if vae is None:
+        first = Path(next(iter(sources.values())))
+        vae = str(first) if (first / "vae" / "config.json").exists() else ("tiny-decoder" if decoder == "tiny" else "vae")
+    return load_pipeline(sources, vae)
+
+
+def _finish(pipe, traj, out: Path, extra: dict | None = None) -> None:
+    from .hybrid.report import print_cost_table
+    from .io import atomic_save_image
+
+    image = pipe.decode(traj)
+    atomic_save_image(image, out)
+    rows = {"decode": f"{pipe.timings['decode']:.3f}"}
+    rows.update(extra or {})
+    print_cost_table(traj, rows)
+    if traj.degraded:
+        typer.echo("warning: degraded result (the cloud's steps ran locally)", err=True)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="A Shapes-world prompt (or any prompt for a real SD model)."),
+    plan: str = typer.Option("cloud:10,edge:15", help="Step plan, e.g. cloud:10,edge:15."),
+    steps: int = typer.Option(25, min=1, max=1000, help="Total denoising steps; the plan must add up to it."),
+    scheduler: str = typer.Option("dpmsolver++", help="ddim, dpmsolver++, euler or euler-a."),
+    seed: int = typer.Option(0),
+    guidance: float = typer.Option(5.0, help="Classifier-free guidance scale (<= 1 disables it)."),
+    size: int = typer.Option(64, min=16, max=2048, help="Image side in pixels."),
+    negative: str = typer.Option("", help="Negative prompt."),
+    model: Optional[list[str]] = typer.Option(None, help="NAME=PATH: bind a plan name to a diffusers folder."),
+    vae: Optional[str] = typer.Option(None, help="VAE name or folder (default: the family's, or the pipeline's)."),
+    decoder: str = typer.Option("full", help="full or tiny: which decoder when --vae is not given."),
+    out: Path = typer.Option(Path("out.png"), help="Image file to write."),
+    save_state: Optional[Path] = typer.Option(None, help="Stop after the first plan segment; write the trajectory."),
+    half_state: bool = typer.Option(False, help="Store the saved state's tensors in fp16."),
+):
+    """Generate an image with a step plan over one or more models."""
+    from .core.plan import check_plan, parse_plan
+    from .io import atomic_write_bytes
+
+    from .core.schedulers import SCHEDULERS
+
+    parsed = parse_plan(plan)
+    check_plan(parsed, steps)
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if save_state is None:
+        _check_out(out)
+    if decoder not in ("full", "tiny"):
+        raise UserError(f"--decoder must be full or tiny, not {decoder!r}")
+    pipe = _pipeline_for(parsed, model, vae, decoder)
+    traj = pipe.start(prompt, negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
+                      guidance_scale=guidance, size=size)
+    todo = parsed[:1] if save_state else parsed
+    bar, on_step = _progress(sum(s.steps for s in todo))
+    with bar:
+        if save_state:
+            from .core.runner import advance
+
+            advance(pipe.unets[todo[0].model], [traj], todo[0].steps, todo[0].model,
+                    on_step=lambda k: on_step(todo[0].model, k))
+        else:
+            pipe.run(traj, parsed, on_step)
+    if save_state:
+        from .hybrid.report import print_cost_table
+
+        atomic_write_bytes(save_state, traj.to_bytes(half=half_state))
+        print_cost_table(traj)
+        typer.echo(f"wrote {save_state} (step {traj.step_index} of {traj.num_steps})")
+        return
+    _finish(pipe, traj, out)
+
+
+@app.command()
+def resume(
+    state: Path = typer.Argument(..., help="A trajectory file written by --save-state."),
+    plan: str = typer.Option(..., help="Plan for the remaining steps, e.g. edge:15."),
+    model: Optional[list[str]] = typer.Option(None, help="NAME=PATH: bind a plan name to a diffusers folder."),
+    vae: Optional[str] = typer.Option(None),
+    decoder: str = typer.Option("full"),
+    out: Path = typer.Option(Path("out.png")),
+):
+    """Continue a saved trajectory with another plan and write the image."""
+    from .core.plan import check_plan, parse_plan
+    from .core.trajectory import Trajectory
+
+    parsed = parse_plan(plan)
+    _check_out(out)
+    try:
+        data = state.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {state}: {e.strerror}") from None
+    traj = Trajectory.from_bytes(data)
+    check_plan(parsed, traj.num_steps, traj.step_index)
+    pipe = _pipeline_for(parsed, model, vae, decoder)
+    bar, on_step = _progress(traj.remaining)
+    with bar:
+        pipe.run(traj, parsed, on_step)
+    _finish(pipe, traj, out)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo's outputs.")):
+    """The main job on the embedded default."""
+    from .demo import run_demo
+
+    run_demo(out)
+
+
+@train_app.command("evaluator")
+def train_evaluator_cmd(
+    run_dir: Path = typer.Option(Path("runs/evaluator")), steps: int = typer.Option(2500, min=1),
+    max_minutes: Optional[float] = typer.Option(None), out: Optional[Path] = typer.Option(None),
+):
+    """The attribute recognizer behind adherence and FSD."""
+    from .eval.metrics import WEIGHTS
+    from .train.evaluator import train_evaluator
+
+    train_evaluator(run_dir, steps=steps, max_minutes=max_minutes, out=out or WEIGHTS)
+
+
+@train_app.command("vae")
+def train_vae_cmd(
+    run_dir: Path = typer.Option(Path("runs/vae")), steps: int = typer.Option(4000, min=1),
+    max_minutes: Optional[float] = typer.Option(None), out: Optional[Path] = typer.Option(None),
+):
+    """The family's AutoencoderKL (4 latent channels, 4x downsampling)."""
+    from .core.registry import WEIGHTS_DIR
+    from .train.vae import train_vae
+
+    train_vae(run_dir, out or WEIGHTS_DIR / "vae", steps=steps, max_minutes=max_minutes)
+
+
+@app.command("validate-evaluator")
+def validate_evaluator_cmd(n: int = typer.Option(512, min=16), out: Optional[Path] = typer.Option(None)):
+    """The evaluator's validation figures: adherence on renders and noise, FSD between sets."""
+    from .eval.validate import print_validation, validate
+
+    print_validation(validate(n), out)
+
+
+def _quiet_libraries() -> None:
+    """Library warnings are for developers; the CLI speaks in its own one-line errors."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def main() -> None:
+    import click
+
+    _quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        typer.echo(f"splitdiff: error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        typer.echo("splitdiff: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)

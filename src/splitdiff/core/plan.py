@@ -1,0 +1,51 @@
+"""Step plans: which model runs how many steps, in order.
+
+`cloud:10,edge:15` is Hybrid SD (large then small); `edge:5,cloud:20` is T-Stitch
+(small then large); any number of segments in any order is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class PlanSegment:
+    model: str
+    steps: int
+
+
+Plan = tuple[PlanSegment, ...]
+
+_SEGMENT = re.compile(r"^([A-Za-z0-9_.\-]+):(\d+)$")
+
+
+def parse_plan(text: str) -> Plan:
+    """'cloud:10,edge:15' -> (PlanSegment('cloud', 10), PlanSegment('edge', 15))."""
+    segments = []
+    for part in text.split(","):
+        m = _SEGMENT.match(part.strip())
+        if not m:
+            raise UserError(f"cannot read plan segment {part.strip()!r}; write MODEL:STEPS, e.g. cloud:10,edge:15")
+        if int(m.group(2)) < 1:
+            raise UserError(f"plan segment {part.strip()!r} runs no steps")
+        segments.append(PlanSegment(m.group(1), int(m.group(2))))
+    return tuple(segments)
+
+
+def plan_steps(plan: Plan) -> int:
+    return sum(s.steps for s in plan)
+
+
+def check_plan(plan: Plan, total_steps: int, start: int = 0) -> None:
+    """A plan must take a trajectory from step `start` exactly to its last step."""
+    if plan_steps(plan) != total_steps - start:
+        raise UserError(f"plan {format_plan(plan)} runs {plan_steps(plan)} steps but {total_steps - start} "
+                        f"remain of {total_steps} (from step {start})")
+
+
+def format_plan(plan: Plan) -> str:
+    return ",".join(f"{s.model}:{s.steps}" for s in plan)

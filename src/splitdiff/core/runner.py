@@ -1,0 +1,97 @@
+"""Advance trajectories with a U-Net, and decode them with a VAE.
+
+`denoise_step` is the one step of every sampler here: all trajectories (any prompts,
+seeds, guidance scales, schedulers and step indices) share one batched U-Net call,
+classifier-free guidance included, and then each trajectory's own scheduler takes
+its step. Trajectories at different step indices batch together because timesteps
+are passed per sample; this is what the server's step-level batching builds on.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from .trajectory import Trajectory
+
+
+def _context(trajs: Sequence[Trajectory]):
+    """The U-Net's inputs for one step: rows [uncond..., cond...] like StableDiffusionPipeline."""
+    # scale_model_input is stateful for Euler schedulers: call it once per trajectory per step.
+    scaled = [t.scheduler.scale_model_input(t.latents, t.timestep) for t in trajs]
+    guided = [(x, t) for x, t in zip(scaled, trajs) if t.uses_guidance]
+    rows = [(x, t.timestep, t.negative_embeds, t.negative_mask) for x, t in guided]
+    rows += [(x, t.timestep, t.prompt_embeds, t.prompt_mask) for x, t in zip(scaled, trajs)]
+    xs, ts, embeds, masks = zip(*rows)
+    mask = None
+    if any(m is not None for m in masks):
+        mask = torch.stack([torch.ones(e.shape[0], dtype=torch.long) if m is None else m
+                            for m, e in zip(masks, embeds)])
+    return [t for _, t in guided], torch.cat(xs), torch.stack([t.float() for t in ts]), torch.stack(embeds), mask
+
+
+@torch.no_grad()
+def guided_noise(unet, trajs: Sequence[Trajectory]) -> list[torch.Tensor]:
+    """Each trajectory's guided noise prediction, from one U-Net call."""
+    guided, x, t, ctx, mask = _context(trajs)
+    dtype = unet.dtype
+    out = unet(x.to(unet.device, dtype), t.to(unet.device), encoder_hidden_states=ctx.to(unet.device, dtype),
+               encoder_attention_mask=None if mask is None else mask.to(unet.device), return_dict=False)[0]
+    out = out.float().cpu()
+    uncond = dict(zip((id(g) for g in guided), out[: len(guided)]))
+    cond = out[len(guided):]
+    preds = []
+    for i, tr in enumerate(trajs):
+        c = cond[i:i + 1]
+        if id(tr) in uncond:
+            u = uncond[id(tr)][None]
+            c = u + tr.guidance_scale * (c - u)
+        preds.append(c)
+    return preds
+
+
+def denoise_step(unet, trajs: Sequence[Trajectory]) -> None:
+    """One step for every unfinished trajectory, in place."""
+    live = [t for t in trajs if not t.done]
+    if not live:
+        return
+    for tr, eps in zip(live, guided_noise(unet, live)):
+        tr.latents = tr.scheduler.step(eps, tr.timestep, tr.latents, generator=tr.generator, return_dict=False)[0]
+        tr.step_index += 1
+
+
+def advance(unet, trajs: Sequence[Trajectory], steps: int, model_name: str = "model", where: str = "local",
+            on_step: Callable[[int], None] | None = None) -> float:
+    """Advance each trajectory by `steps` (or to its end); record provenance; return U-Net seconds."""
+    total = 0.0
+    for k in range(steps):
+        live = [t for t in trajs if not t.done]
+        if not live:
+            break
+        start = time.perf_counter()
+        denoise_step(unet, live)
+        dt = time.perf_counter() - start
+        total += dt
+        for t in live:
+            t.record(model_name, 1, dt, where)
+        if on_step:
+            on_step(k)
+    return total
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1], for AutoencoderKL and AutoencoderTiny alike."""
+    scale = getattr(vae.config, "scaling_factor", 1.0) or 1.0
+    x = (latents / scale).to(vae.device, vae.dtype)
+    return vae.decode(x, return_dict=False)[0].float().cpu().clamp(-1, 1)
+
+
+def to_pil(images: torch.Tensor):
+    """B x 3 x H x W in [-1, 1] -> list of PIL images."""
+    from PIL import Image
+
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]

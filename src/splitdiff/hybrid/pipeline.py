@@ -1,0 +1,103 @@
+"""Hybrid generation: one text encoder and VAE, several U-Nets, a step plan.
+
+The models of one plan share the VAE's latent space and the text encoder's context
+(as in Hybrid SD), so a trajectory started by one can be finished by another.
+Composition only: encoding, advancing and decoding are the core's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..core.plan import Plan, check_plan
+from ..core.runner import advance, decode, to_pil
+from ..core.trajectory import Trajectory, new_trajectory
+from ..errors import UserError
+
+
+def latent_factor(vae) -> int:
+    """Pixels per latent along a side: 2 ** (number of down/up-sampling stages)."""
+    cfg = vae.config
+    channels = getattr(cfg, "block_out_channels", None) or getattr(cfg, "decoder_block_out_channels")
+    return 2 ** (len(channels) - 1)
+
+
+def check_compatible(unets: dict, vae, context_dim: int | None) -> None:
+    """Models that share trajectories must agree on latent channels and context width."""
+    latent = getattr(vae.config, "latent_channels", None) if vae is not None else None
+    for name, unet in unets.items():
+        if latent is not None and unet.config.in_channels != latent:
+            raise UserError(f"model {name!r} takes {unet.config.in_channels} latent channels "
+                            f"but the VAE makes {latent}")
+        if context_dim is not None and unet.config.cross_attention_dim != context_dim:
+            raise UserError(f"model {name!r} cross-attends to width {unet.config.cross_attention_dim} "
+                            f"but the text encoder gives {context_dim}")
+    channels = {n: u.config.in_channels for n, u in unets.items()}
+    if len(set(channels.values())) > 1:
+        raise UserError(f"models in one plan must share latent channels; got {channels}")
+
+
+@dataclass
+class HybridPipeline:
+    unets: dict  # plan name -> UNet2DConditionModel
+    vae: object
+    encoder: Callable
+    noise_schedule: dict | None = None
+    context_dim: int | None = None
+    timings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_compatible(self.unets, self.vae, self.context_dim)
+
+    def start(self, prompt: str, *, negative_prompt: str = "", steps: int = 25, scheduler: str = "dpmsolver++",
+              seed: int = 0, guidance_scale: float = 5.0, size: int = 64) -> Trajectory:
+        """Encode the prompt and draw the seeded noise: a trajectory at step 0."""
+        f = latent_factor(self.vae)
+        if size % f:
+            raise UserError(f"size {size} is not a multiple of the VAE's factor {f}")
+        channels = next(iter(self.unets.values())).config.in_channels
+        start = time.perf_counter()
+        emb, mask = self.encoder([prompt, negative_prompt])
+        self.timings["encode"] = time.perf_counter() - start
+        return new_trajectory(
+            emb[0], emb[1], latent_shape=(channels, size // f, size // f), scheduler=scheduler, steps=steps,
+            seed=seed, guidance_scale=guidance_scale, prompt_mask=None if mask is None else mask[0],
+            negative_mask=None if mask is None else mask[1], noise_schedule=self.noise_schedule,
+            prompt=prompt, negative_prompt=negative_prompt)
+
+    def run(self, traj: Trajectory, plan: Plan, on_step: Callable[[str, int], None] | None = None) -> None:
+        """Run the plan's segments in order, each with its own U-Net, on one trajectory."""
+        check_plan(plan, traj.num_steps, traj.step_index)
+        for seg in plan:
+            if seg.model not in self.unets:
+                raise UserError(f"plan names model {seg.model!r} but only {', '.join(self.unets)} are loaded")
+        for seg in plan:
+            unet = self.unets[seg.model]
+            if traj.latents.shape[1] != unet.config.in_channels:
+                raise UserError(f"trajectory has {traj.latents.shape[1]} latent channels; "
+                                f"model {seg.model!r} takes {unet.config.in_channels}")
+            advance(unet, [traj], seg.steps, seg.model,
+                    on_step=(lambda k, m=seg.model: on_step(m, k)) if on_step else None)
+
+    def decode(self, traj: Trajectory):
+        """The trajectory's image (PIL); the decode time goes to `timings['decode']`."""
+        start = time.perf_counter()
+        image = to_pil(decode(self.vae, traj.latents))[0]
+        self.timings["decode"] = time.perf_counter() - start
+        return image
+
+
+def load_pipeline(model_sources: dict[str, str], vae_source: str, dtype: torch.dtype = torch.float32) -> HybridPipeline:
+    """Load the named U-Nets, the VAE and the text encoder the first model implies."""
+    from ..core.registry import load_unet, load_vae, noise_schedule
+    from ..text import prompt_encoder_for
+
+    unets = {name: load_unet(src, dtype) for name, src in model_sources.items()}
+    first = next(iter(model_sources.values()))
+    encoder = prompt_encoder_for(first)
+    return HybridPipeline(unets, load_vae(vae_source, dtype), encoder, noise_schedule(first),
+                          encoder.model.config.hidden_size)
