@@ -1,0 +1,1 @@
+"""Benchmarks: each writes CSV and PNG plots beside the figures it prints."""

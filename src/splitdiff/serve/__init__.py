@@ -1,0 +1,7 @@
+"""Edge-cloud serving: the cloud runs the first steps of many users' trajectories, batched.
+
+The split follows vLLM's: `engine` is the loop, `scheduler` decides who takes part in
+the next U-Net call, `worker` owns the models and runs that call. `app` is the HTTP
+face (validation, auth, metrics); `client` and `edge` are the device's side, which
+asks the cloud for the first segment and finishes the image locally.
+"""

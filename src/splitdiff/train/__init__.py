@@ -1,0 +1,1 @@
+"""Resumable training of the evaluator and the embedded model family."""

@@ -1,0 +1,51 @@
+"""`splitdiff train tiny-decoder`: a TAESD-style AutoencoderTiny decoder distilled from the VAE's.
+
+Hybrid SD's edge device decodes with a tiny VAE; ours learns to reproduce the full
+decoder's output (the teacher) from the same scaled latents the U-Nets produce.
+Only the decoder half of AutoencoderTiny is trained and used.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderTiny
+
+from ..core.registry import load_vae
+from .loop import LoopConfig, run_training, set_cosine_lr
+from .vae import export_diffusers, render_batch
+
+TINY_CONFIG = dict(
+    encoder_block_out_channels=(8, 8, 8), num_encoder_blocks=(1, 1, 1),
+    decoder_block_out_channels=(12, 12, 12), num_decoder_blocks=(2, 2, 1),
+    latent_channels=4, scaling_factor=1.0,  # it decodes the U-Nets' (already scaled) latents directly
+)
+
+
+def train_tiny_decoder(run_dir: Path, out: Path, teacher: str = "vae", steps: int = 3000, batch_size: int = 16,
+                       lr: float = 2e-3, max_minutes: float | None = None, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    vae = load_vae(teacher)
+    vae.requires_grad_(False)
+    tiny = AutoencoderTiny(**TINY_CONFIG)
+    opt = torch.optim.AdamW(tiny.decoder.parameters(), lr=lr)
+
+    def step(i: int) -> float:
+        rng = random.Random(seed * 1_000_003 + i)
+        with torch.no_grad():
+            x = render_batch(rng, batch_size)
+            z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            target = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
+        set_cosine_lr(opt, i, steps, lr)
+        pred = tiny.decode(z).sample
+        loss = F.l1_loss(pred, target) + F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250, ema_decay=0.999), tiny, opt, step,
+                 lambda state, model: export_diffusers(model, out), desc="tiny-decoder")

@@ -1,0 +1,36 @@
+"""Structural pruning: scores for bypassable units, weights inherited where shapes match."""
+
+import torch
+
+from splitdiff.train.compress import UpBlockFeatures, edge_from_cloud
+from splitdiff.train.prune import inherit, significance, units
+from splitdiff.train.unet import unet_from_config
+
+
+def test_edge_is_pruned_from_cloud_and_inherits_significant_units():
+    torch.manual_seed(0)
+    cloud = unet_from_config((16, 32, 64), 2).eval()
+    edge = edge_from_cloud(cloud).eval()
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(edge) <= 0.25 * n(cloud)
+
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 48, 384)
+    scores = significance(cloud, x, t, ctx)
+    bypassable = [k for k, v in scores.items() if v != float("inf")]
+    assert bypassable and all(scores[k] > 0 for k in bypassable)
+
+    mapping = inherit(edge, cloud, scores)
+    for student, teacher in mapping.items():
+        su, tu = units(edge)[student], units(cloud)[teacher]
+        assert all(torch.equal(a, b) for a, b in zip(su.state_dict().values(), tu.state_dict().values()))
+    # among interchangeable teacher units, the more significant one is inherited
+    assert mapping["down_blocks.1.attentions.0"] == max(
+        ("down_blocks.1.attentions.0", "down_blocks.1.attentions.1"), key=scores.get)
+    assert len(mapping) >= len(units(edge)) // 2
+    assert torch.equal(edge.conv_in.weight, cloud.conv_in.weight)
+
+    tf, sf = UpBlockFeatures(cloud), UpBlockFeatures(edge, offset=1)
+    with torch.no_grad():
+        cloud(x, t, ctx)
+        edge(x, t, ctx)
+    assert set(sf.feats) == {1, 2} and all(sf.feats[k].shape == tf.feats[k].shape for k in sf.feats)
