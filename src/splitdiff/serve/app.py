@@ -1,0 +1,134 @@
+"""The cloud's HTTP face: one route that runs a trajectory's first steps, health, metrics.
+
+Every failure is a one-line JSON error with a 4xx status when the request is at
+fault; nothing a client sends reaches a traceback. Internal errors answer 500 with a
+fixed line and are logged in full on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from ..errors import UserError
+from .auth import BearerAuth
+from .body import BodyLimit
+from .engine import Engine, EngineFailure, ShuttingDown
+from .metrics import CountStatuses
+from .scheduler import Busy
+from .schemas import ERROR_RESPONSES, ErrorBody, Health, TrajectoryRequest, error_response, one_line
+from .worker import UnknownModel
+
+log = logging.getLogger("splitdiff.serve")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+TRAJECTORY_RESPONSE = {200: {"description": "The trajectory after `cloud_steps` (splitdiff safetensors).",
+                             "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                 "format": "binary"}}}}}
+
+
+def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The app around a (not yet started) engine; the app's lifespan starts and stops it."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(engine.stop)
+
+    app = FastAPI(title="splitdiff cloud", lifespan=lifespan, summary="Runs the first steps of trajectories, "
+                  "batched step by step across requests; the edge finishes them.")
+    metrics = engine.metrics
+    auth = [Security(HTTPBearer(auto_error=False))] if token else []  # documents the scheme; BearerAuth enforces
+
+    @app.post("/v1/trajectories", response_class=Response, responses={**TRAJECTORY_RESPONSE, **ERROR_RESPONSES},
+              dependencies=auth)
+    async def create_trajectory(req: TrajectoryRequest) -> Response:
+        """Encode the prompt, run `cloud_steps` steps on the served model, answer the serialized trajectory."""
+        start = time.perf_counter()
+        engine.worker.check(req)
+        job = engine.submit(req)
+        traj = await asyncio.wrap_future(job.future)
+        data = await run_in_threadpool(traj.to_bytes, req.half)
+        seconds = time.perf_counter() - start
+        metrics.request_seconds.observe(seconds)
+        return Response(data, media_type="application/octet-stream", headers={
+            "X-Splitdiff-Request": str(job.id),
+            "X-Splitdiff-Server-Seconds": f"{seconds:.6f}",
+            "X-Splitdiff-Queue-Seconds": f"{(job.admitted or job.arrived) - job.arrived:.6f}",
+            "X-Splitdiff-Mean-Batch": f"{job.mean_batch:.3f}",
+        })
+
+    @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorBody}})
+    def healthz():
+        """Liveness of the engine, and its load."""
+        if not engine.alive:
+            return error_response(503, "the engine is not running")
+        waiting, running = engine.load()
+        return Health(status="ok", model=engine.worker.name, max_batch=engine.scheduler.max_batch,
+                      waiting=waiting, running=running)
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus():
+        """Prometheus text format: queue depth, batch sizes, step latency, requests by status."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if token:
+        app.add_middleware(BearerAuth, token=token)
+    app.add_middleware(CountStatuses, metrics=metrics)  # outermost: sees every answer
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def handle(*types, status: int, message=lambda e: str(e), headers=None):
+        async def handler(_request: Request, exc: Exception):
+            return error_response(status, message(exc), headers)
+
+        for t in types:
+            app.add_exception_handler(t, handler)
+
+    handle(RequestValidationError, status=422, message=validation_message)
+    handle(UnknownModel, status=404)
+    handle(UserError, status=422)
+    handle(Busy, ShuttingDown, status=503, headers={"Retry-After": "1"})
+    handle(EngineFailure, status=500, message=lambda e: f"internal error: {e}")
+
+    async def http_error(_request: Request, exc: HTTPException):
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    async def internal_error(request: Request, exc: Exception):
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal server error")
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """Pydantic's first complaint as `field: reason`, without echoing the input."""
+    errors = exc.errors()
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    if first.get("type") == "json_invalid":
+        reason = f"invalid JSON: {first.get('ctx', {}).get('error', 'cannot parse')}"
+        where = ""
+    else:
+        reason = first.get("msg", "invalid").removeprefix("Value error, ")
+        if first.get("type") in ("model_attributes_type", "dict_type") and not where:
+            reason += " (send a JSON object with Content-Type: application/json)"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return one_line(f"{where}: {reason}{more}" if where else f"{reason}{more}")

@@ -1,0 +1,105 @@
+"""The edge's side of the wire: ask the cloud for a trajectory, retrying what may pass.
+
+Transport failures, timeouts, 5xx answers and corrupt bodies are retried with
+exponential backoff; when every try fails the caller gets `CloudUnavailable` and
+may fall back. A 4xx is the request's fault, so it is a one-line `UserError`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from ..core.trajectory import Trajectory, TrajectoryError
+from ..errors import UserError
+from .schemas import one_line
+
+
+class CloudUnavailable(Exception):
+    """The cloud gave no usable answer after every try."""
+
+
+@dataclass
+class Handoff:
+    """What one successful exchange cost."""
+
+    sent_bytes: int
+    received_bytes: int
+    round_trip: float  # seconds, request sent to body parsed
+    server_seconds: float  # the part the server spent (queue, steps, serialization)
+    attempts: int
+
+    @property
+    def network_seconds(self) -> float:
+        return max(0.0, self.round_trip - self.server_seconds)
+
+
+class CloudClient:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, tries: int = 3,
+                 backoff: float = 0.5):
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError):
+            parsed = None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+            raise UserError(f"--cloud-url {url!r} is not an http(s)://HOST[:PORT] address")
+        if timeout <= 0 or tries < 1:
+            raise UserError("the cloud timeout must be positive and at least one try is needed")
+        self.url = url.rstrip("/")
+        self.tries, self.backoff = tries, backoff
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+
+    def __enter__(self) -> "CloudClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def trajectory(self, request: dict) -> tuple[Trajectory, Handoff]:
+        """POST /v1/trajectories with `request` (see schemas.TrajectoryRequest); the answer, parsed."""
+        body = json.dumps(request, allow_nan=False).encode()
+        problem = "no try was made"
+        for attempt in range(1, self.tries + 1):
+            if attempt > 1:
+                time.sleep(self.backoff * 2 ** (attempt - 2))
+            start = time.perf_counter()
+            try:
+                r = self._http.post(f"{self.url}/v1/trajectories", content=body,
+                                    headers={"Content-Type": "application/json"})
+            except httpx.TransportError as e:
+                problem = f"{type(e).__name__}: {one_line(str(e)) or 'no detail'}"
+                continue
+            if r.status_code >= 500:
+                problem = f"HTTP {r.status_code}: {_reason(r)}"
+                continue
+            if r.status_code >= 400:
+                raise UserError(f"the cloud refused the request (HTTP {r.status_code}): {_reason(r)}")
+            try:
+                traj = Trajectory.from_bytes(r.content)
+            except TrajectoryError as e:
+                problem = f"corrupt answer: {e}"
+                continue
+            return traj, Handoff(len(body), len(r.content), time.perf_counter() - start,
+                                 _float(r.headers.get("X-Splitdiff-Server-Seconds")), attempt)
+        raise CloudUnavailable(f"{self.url} failed {self.tries} tries; last: {problem}")
+
+
+def _reason(r: httpx.Response) -> str:
+    try:
+        return one_line(r.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return one_line(r.text[:200]) or r.reason_phrase
+
+
+def _float(text: str | None) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return 0.0

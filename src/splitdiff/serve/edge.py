@@ -1,0 +1,62 @@
+"""A hybrid plan whose first segment runs on the cloud, the rest on this device.
+
+The cloud encodes the prompt and runs the first segment; the trajectory comes back
+with its embeddings, so the edge continues without encoding anything. When the cloud
+cannot be had, the edge runs those steps itself with its first model and marks the
+result degraded: the user still gets an image.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..core.plan import Plan, check_plan
+from ..core.runner import advance
+from ..core.trajectory import Trajectory
+from ..errors import UserError
+from ..hybrid.pipeline import HybridPipeline, latent_factor
+from .client import CloudClient, CloudUnavailable
+
+OnStep = Callable[[str, int], None]
+
+
+def run_with_cloud(pipe: HybridPipeline, plan: Plan, client: CloudClient, prompt: str, *, negative_prompt: str = "",
+                   steps: int = 25, scheduler: str = "dpmsolver++", seed: int = 0, guidance: float = 5.0,
+                   size: int = 64, half: bool = False, on_step: OnStep | None = None,
+                   warn: Callable[[str], None] = print) -> tuple[Trajectory, dict[str, str]]:
+    """The finished trajectory, and cost-table rows for the handoff (network seconds and bytes)."""
+    cloud, rest = plan[0], plan[1:]
+    if not rest:
+        raise UserError("with --cloud-url the plan needs an edge segment after the cloud's, e.g. cloud:10,edge:15")
+    check_plan(plan, steps)
+    on_step = on_step or (lambda _m, _k: None)
+    request = dict(model=cloud.model, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                   cloud_steps=cloud.steps, scheduler=scheduler, guidance=guidance, size=size, half=half)
+    try:
+        traj, handoff = client.trajectory(request)
+    except CloudUnavailable as e:
+        local = rest[0].model
+        warn(f"cloud unavailable ({e}); running its {cloud.steps} steps here with {local!r}")
+        traj = pipe.start(prompt, negative_prompt=negative_prompt, steps=steps, scheduler=scheduler, seed=seed,
+                          guidance_scale=guidance, size=size)
+        advance(pipe.unets[local], [traj], cloud.steps, local, on_step=lambda k: on_step(local, k))
+        traj.degraded = True
+        rows = {}
+    else:
+        _check_answer(traj, pipe, steps=steps, cloud_steps=cloud.steps, scheduler=scheduler, size=size)
+        for k in range(cloud.steps):
+            on_step(cloud.model, k)
+        rows = {"network": f"{handoff.network_seconds:.3f}", "handoff bytes": f"{handoff.received_bytes:,}"}
+    pipe.run(traj, rest, on_step)
+    return traj, rows
+
+
+def _check_answer(traj: Trajectory, pipe: HybridPipeline, *, steps: int, cloud_steps: int, scheduler: str,
+                  size: int) -> None:
+    side = size // latent_factor(pipe.vae)
+    wanted = {"step": cloud_steps, "steps": steps, "scheduler": scheduler, "latent side": side}
+    got = {"step": traj.step_index, "steps": traj.num_steps, "scheduler": traj.scheduler_name,
+           "latent side": traj.latents.shape[-1]}
+    wrong = [f"{k} {got[k]} (asked {wanted[k]})" for k in wanted if got[k] != wanted[k]]
+    if wrong:
+        raise UserError(f"the cloud's trajectory does not match the request: {', '.join(wrong)}")
