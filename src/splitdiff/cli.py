@@ -78,10 +78,15 @@ def generate(
     negative: str = typer.Option("", help="Negative prompt."),
     model: Optional[list[str]] = typer.Option(None, help="NAME=PATH: bind a plan name to a diffusers folder."),
     vae: Optional[str] = typer.Option(None, help="VAE name or folder (default: the family's, or the pipeline's)."),
-    decoder: str = typer.Option("full", help="full or tiny: which decoder when --vae is not given."),
+    decoder: Optional[str] = typer.Option(None, help="full or tiny: which decoder when --vae is not given "
+                                          "(default: full; tiny with --cloud-url when installed)."),
     out: Path = typer.Option(Path("out.png"), help="Image file to write."),
     save_state: Optional[Path] = typer.Option(None, help="Stop after the first plan segment; write the trajectory."),
     half_state: bool = typer.Option(False, help="Store the saved state's tensors in fp16."),
+    cloud_url: Optional[str] = typer.Option(None, help="A `splitdiff serve` URL: it runs the plan's first segment."),
+    token: Optional[str] = typer.Option(None, envvar="SPLITDIFF_TOKEN", help="The cloud's bearer token."),
+    timeout: float = typer.Option(60.0, min=0.1, help="Seconds to wait for the cloud, per try."),
+    half: bool = typer.Option(False, help="Ask the cloud for fp16 tensors (half the bytes, not bit-exact)."),
 ):
     """Generate an image with a step plan over one or more models."""
     from .core.plan import check_plan, parse_plan
@@ -95,8 +100,15 @@ def generate(
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if save_state is None:
         _check_out(out)
+    decoder = decoder or ("tiny" if cloud_url and _tiny_decoder_installed() else "full")
     if decoder not in ("full", "tiny"):
         raise UserError(f"--decoder must be full or tiny, not {decoder!r}")
+    if cloud_url:
+        if save_state:
+            raise UserError("--save-state and --cloud-url do not go together")
+        return _generate_with_cloud(parsed, prompt, cloud_url, token, timeout, half, model, vae, decoder, out,
+                                    negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
+                                    guidance=guidance, size=size)
     pipe = _pipeline_for(parsed, model, vae, decoder)
     traj = pipe.start(prompt, negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
                       guidance_scale=guidance, size=size)
@@ -118,6 +130,55 @@ def generate(
         typer.echo(f"wrote {save_state} (step {traj.step_index} of {traj.num_steps})")
         return
     _finish(pipe, traj, out)
+
+
+def _tiny_decoder_installed() -> bool:
+    from .core.registry import WEIGHTS_DIR
+
+    return (WEIGHTS_DIR / "tiny-decoder" / "config.json").exists()
+
+
+def _generate_with_cloud(plan, prompt, url, token, timeout, half, model, vae, decoder, out, **params) -> None:
+    """The plan's first segment on the cloud, the rest here; the cloud's steps run here if it cannot be had."""
+    from .serve.client import CloudClient
+    from .serve.edge import run_with_cloud, split_plan
+
+    _, edge_plan = split_plan(plan)
+    client = CloudClient(url, token, timeout)
+    pipe = _pipeline_for(edge_plan, model, vae, decoder)
+    bar, on_step = _progress(params["steps"])
+    with client, bar:
+        traj, rows = run_with_cloud(pipe, plan, client, prompt, half=half, on_step=on_step,
+                                    warn=lambda m: typer.echo(f"warning: {m}", err=True), **params)
+    _finish(pipe, traj, out, rows)
+
+
+@app.command()
+def serve(
+    role: str = typer.Option("cloud", help="cloud: run the first steps of edge clients' trajectories."),
+    model: str = typer.Option("cloud", help="The served U-Net: a registry name or a diffusers folder."),
+    name: Optional[str] = typer.Option(None, help="The name plans use for it (default: its registry name, or cloud)."),
+    vae: Optional[str] = typer.Option(None, help="The VAE that fixes latent shapes (default: the pipeline's or vae)."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000, min=0, max=65535),
+    max_batch: int = typer.Option(8, min=1, max=256, help="Trajectories per U-Net call."),
+    max_waiting: int = typer.Option(256, min=1, help="Queued requests beyond which the server answers 503."),
+    max_steps: int = typer.Option(1000, min=1, max=1000, help="Largest total steps a request may ask for."),
+    max_size: int = typer.Option(256, min=16, max=2048, help="Largest image side a request may ask for."),
+    token_file: Optional[Path] = typer.Option(None, help="Bearer token file (else $SPLITDIFF_TOKEN; neither: open)."),
+    log_level: str = typer.Option("info", help="critical, error, warning, info or debug."),
+):
+    """Serve a model's first steps over HTTP with step-level batching (API docs at /docs)."""
+    from .serve.auth import load_token
+    from .serve.server import Limits, build_app, run
+
+    if role != "cloud":
+        raise UserError(f"--role {role!r} is not served; the edge runs `generate --cloud-url`")
+    if log_level not in ("critical", "error", "warning", "info", "debug"):
+        raise UserError(f"--log-level must be critical, error, warning, info or debug, not {log_level!r}")
+    limits = Limits(max_batch, max_waiting, max_steps, max_size)
+    run(build_app(model, name=name, vae=vae, token=load_token(token_file), limits=limits), host, port, log_level,
+        limits)
 
 
 @app.command()
@@ -178,6 +239,86 @@ def train_vae_cmd(
     from .train.vae import train_vae
 
     train_vae(run_dir, out or WEIGHTS_DIR / "vae", steps=steps, max_minutes=max_minutes)
+
+
+@train_app.command("tiny-decoder")
+def train_tiny_decoder_cmd(
+    run_dir: Path = typer.Option(Path("runs/tiny-decoder")), steps: int = typer.Option(3000, min=1),
+    max_minutes: Optional[float] = typer.Option(None), out: Optional[Path] = typer.Option(None),
+):
+    """A TAESD-style decoder distilled from the VAE's decoder."""
+    from .core.registry import WEIGHTS_DIR
+    from .train.tiny_decoder import train_tiny_decoder
+
+    train_tiny_decoder(run_dir, out or WEIGHTS_DIR / "tiny-decoder", steps=steps, max_minutes=max_minutes)
+
+
+@train_app.command("unet")
+def train_unet_cmd(
+    size: str = typer.Option("cloud", help="Which U-Net of the family (the edge one comes from `compress`)."),
+    run_dir: Optional[Path] = typer.Option(None), steps: int = typer.Option(8000, min=1),
+    max_minutes: Optional[float] = typer.Option(None), out: Optional[Path] = typer.Option(None),
+):
+    """The cloud U-Net on cached 64 px and 128 px latents."""
+    from .core.registry import WEIGHTS_DIR
+    from .train.unet import UNET_CONFIGS, train_unet
+
+    if size not in UNET_CONFIGS:
+        raise UserError(f"unknown U-Net size {size!r}; choose one of {', '.join(UNET_CONFIGS)}")
+    train_unet(run_dir or Path(f"runs/unet-{size}"), out or WEIGHTS_DIR / size, size=size, steps=steps,
+               max_minutes=max_minutes)
+
+
+@app.command()
+def compress(
+    teacher: str = typer.Option("cloud"), run_dir: Path = typer.Option(Path("runs/edge")),
+    steps: int = typer.Option(4000, min=1), max_minutes: Optional[float] = typer.Option(None),
+    out: Optional[Path] = typer.Option(None),
+):
+    """The edge U-Net: structurally pruned from the cloud one, then distilled."""
+    from .core.registry import WEIGHTS_DIR
+    from .train.compress import compress as run_compress
+
+    run_compress(run_dir, out or WEIGHTS_DIR / "edge", teacher=teacher, steps=steps, max_minutes=max_minutes)
+
+
+@bench_app.command("hybrid")
+def bench_hybrid_cmd(
+    out: Path = typer.Option(Path("docs/bench/hybrid")), prompts: int = typer.Option(500, min=10),
+    size: int = typer.Option(64), guidance: float = typer.Option(5.0),
+):
+    """The Hybrid SD table: quality and cost for each cloud/edge split of 25 steps."""
+    from .bench.hybrid import bench_hybrid
+
+    bench_hybrid(out, n_prompts=prompts, size=size, guidance=guidance)
+
+
+@bench_app.command("serve")
+def bench_serve_cmd(
+    model: str = typer.Option("cloud", help="The served U-Net: a registry name or a diffusers folder."),
+    vae: Optional[str] = typer.Option(None, help="The VAE that fixes latent shapes (default: the server's)."),
+    out: Path = typer.Option(Path("docs/bench/serve")),
+    clients: str = typer.Option("1,4,16,32", help="Concurrent clients to measure, comma-separated."),
+    seconds: float = typer.Option(20.0, min=1, help="Seconds of load per measured point."),
+    load_seconds: float = typer.Option(60.0, min=1, help="Duration of the 32-client load run."),
+    max_batch: int = typer.Option(32, min=2, help="Batch limit of the batching server."),
+    steps: int = typer.Option(25, min=1), cloud_steps: int = typer.Option(10, min=1),
+    size: int = typer.Option(64, min=16),
+):
+    """Throughput and latency of `serve` under 1..32 clients, batching on vs off, and a load run."""
+    from .bench.serve import bench_serve
+
+    bench_serve(out, model=model, vae=vae, clients=clients, seconds=seconds, load_seconds=load_seconds,
+                max_batch=max_batch, steps=steps, cloud_steps=cloud_steps, size=size)
+
+
+@bench_app.command("family")
+def bench_family_cmd(out: Path = typer.Option(Path("docs/bench/family")), repeats: int = typer.Option(10, min=1),
+                     threads: Optional[int] = typer.Option(None)):
+    """Edge vs cloud U-Net and tiny vs full decoder: parameters, speed, PSNR."""
+    from .bench.family import bench_family
+
+    bench_family(out, repeats=repeats, threads=threads)
 
 
 @app.command("validate-evaluator")

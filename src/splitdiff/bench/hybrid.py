@@ -1,0 +1,118 @@
+"""`splitdiff bench hybrid`: the Hybrid SD table on the Shapes world.
+
+25 DPM-Solver++ steps split between the cloud and the edge U-Net, from cloud-only to
+edge-only, on a fixed prompt set (single- and multi-object); adherence, FSD against
+the world's own renders, and the U-Net seconds of each side; every row decoded with
+the full VAE and again with the tiny decoder.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from ..core.plan import PlanSegment
+from ..core.registry import load_vae
+from ..core.runner import to_pil
+from ..eval import default_evaluator, reference_renders
+from ..hybrid.batch import decode_many, run_many
+from ..hybrid.pipeline import load_pipeline
+from ..io import atomic_save_image
+from ..world import prompt_set
+
+STEPS = 25
+CLOUD_STEPS = (25, 20, 15, 10, 5, 0)
+
+
+def hybrid_plans(total: int = STEPS, cloud_steps=CLOUD_STEPS):
+    plans = []
+    for c in cloud_steps:
+        segs = ([PlanSegment("cloud", c)] if c else []) + ([PlanSegment("edge", total - c)] if total - c else [])
+        plans.append(tuple(segs))
+    return plans
+
+
+def bench_hybrid(out_dir: Path, n_prompts: int = 500, size: int = 64, guidance: float = 5.0, batch_size: int = 50,
+                 cloud: str = "cloud", edge: str = "edge", vae: str = "vae", tiny: str = "tiny-decoder",
+                 seed: int = 0, grid_prompts: int = 6) -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline({"cloud": cloud, "edge": edge}, vae)
+    decoders = {"full": pipe.vae, "tiny": load_vae(tiny)}
+    evaluator = default_evaluator()
+    prompts = prompt_set(n_prompts)
+    reference = reference_renders(prompts, size, seed=10_000)
+    rows, grid = [], []
+    for plan in hybrid_plans():
+        start = time.perf_counter()
+        res = run_many(pipe, prompts, plan, steps=STEPS, guidance_scale=guidance, size=size,
+                       batch_size=batch_size, seed=seed)
+        denoise_wall = time.perf_counter() - start
+        cloud_steps = sum(s.steps for s in plan if s.model == "cloud")
+        for dec_name, dec in decoders.items():
+            images, dec_s = decode_many(dec, res.latents)
+            _, adh = evaluator.adherence(images, prompts)
+            row = {
+                "plan": ",".join(f"{s.model}:{s.steps}" for s in plan), "decoder": dec_name,
+                "cloud_steps": cloud_steps, "cloud_share": cloud_steps / STEPS, "adherence": adh,
+                "fsd": evaluator.fsd(images, reference),
+                "cloud_unet_s": res.unet_seconds.get("cloud", 0.0) / n_prompts,
+                "edge_unet_s": res.unet_seconds.get("edge", 0.0) / n_prompts,
+                "decode_s": dec_s / n_prompts,
+            }
+            row["end_to_end_s"] = row["cloud_unet_s"] + row["edge_unet_s"] + row["decode_s"]
+            row["denoise_wall_s"] = denoise_wall / n_prompts
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                  flush=True)
+            if dec_name == "full":
+                grid.append(images[:grid_prompts])
+    _write_csv(out_dir / "hybrid.csv", rows)
+    _plot(out_dir / "hybrid.png", rows)
+    _grid(out_dir / "hybrid_grid.png", grid, [r["plan"] for r in rows if r["decoder"] == "full"])
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for dec, style in (("full", "o-"), ("tiny", "s--")):
+        sel = [r for r in rows if r["decoder"] == dec]
+        x = [r["cloud_share"] for r in sel]
+        axes[0].plot(x, [r["adherence"] for r in sel], style, label=f"{dec} decoder")
+        axes[1].plot(x, [r["fsd"] for r in sel], style, label=f"{dec} decoder")
+    axes[0].set(xlabel="share of steps on the cloud", ylabel="adherence", title="prompt adherence")
+    axes[1].set(xlabel="share of steps on the cloud", ylabel="FSD", title="FSD vs world renders (lower is better)")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _grid(path: Path, columns: list[torch.Tensor], titles: list[str]) -> None:
+    from PIL import Image, ImageDraw
+
+    n, size = columns[0].shape[0], columns[0].shape[-1]
+    cell = max(size, 96)
+    img = Image.new("RGB", (cell * len(columns), cell * n + 14), "white")
+    draw = ImageDraw.Draw(img)
+    for c, (col, title) in enumerate(zip(columns, titles)):
+        draw.text((c * cell + 2, 1), title.replace("cloud", "c").replace("edge", "e"), fill="black", font_size=9)
+        for r, pil in enumerate(to_pil(col)):
+            img.paste(pil.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, 14 + r * cell))
+    atomic_save_image(img, path)
