@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..core.plan import Plan, check_plan
+from ..core.plan import Plan, PlanSegment, check_plan
 from ..core.runner import advance
 from ..core.trajectory import Trajectory
 from ..errors import UserError
@@ -25,9 +25,7 @@ def run_with_cloud(pipe: HybridPipeline, plan: Plan, client: CloudClient, prompt
                    size: int = 64, half: bool = False, on_step: OnStep | None = None,
                    warn: Callable[[str], None] = print) -> tuple[Trajectory, dict[str, str]]:
     """The finished trajectory, and cost-table rows for the handoff (network seconds and bytes)."""
-    cloud, rest = plan[0], plan[1:]
-    if not rest:
-        raise UserError("with --cloud-url the plan needs an edge segment after the cloud's, e.g. cloud:10,edge:15")
+    cloud, rest = split_plan(plan)
     check_plan(plan, steps)
     on_step = on_step or (lambda _m, _k: None)
     request = dict(model=cloud.model, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
@@ -49,6 +47,13 @@ def run_with_cloud(pipe: HybridPipeline, plan: Plan, client: CloudClient, prompt
         rows = {"network": f"{handoff.network_seconds:.3f}", "handoff bytes": f"{handoff.received_bytes:,}"}
     pipe.run(traj, rest, on_step)
     return traj, rows
+
+
+def split_plan(plan: Plan) -> tuple[PlanSegment, Plan]:
+    """(the cloud's segment, the edge's segments): the edge needs a model of its own to fall back on."""
+    if len(plan) < 2:
+        raise UserError("with --cloud-url the plan needs an edge segment after the cloud's, e.g. cloud:10,edge:15")
+    return plan[0], plan[1:]
 
 
 def _check_answer(traj: Trajectory, pipe: HybridPipeline, *, steps: int, cloud_steps: int, scheduler: str,
