@@ -149,7 +149,7 @@ def _generate_with_cloud(plan, prompt, url, token, timeout, half, model, vae, de
     bar, on_step = _progress(params["steps"])
     with client, bar:
         traj, rows = run_with_cloud(pipe, plan, client, prompt, half=half, on_step=on_step,
-                                    warn=lambda m: typer.echo(f"warning: {m}", err=True), **params)
+                                    warn=lambda m: bar.write(f"warning: {m}", file=sys.stderr), **params)
     _finish(pipe, traj, out, rows)
 
 
