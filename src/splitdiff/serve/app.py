@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Security
@@ -55,18 +56,22 @@ def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = M
 
     @app.post("/v1/trajectories", response_class=Response, responses={**TRAJECTORY_RESPONSE, **ERROR_RESPONSES},
               dependencies=auth)
-    async def create_trajectory(req: TrajectoryRequest) -> Response:
+    async def create_trajectory(req: TrajectoryRequest, request: Request) -> Response:
         """Encode the prompt, run `cloud_steps` steps on the served model, answer the serialized trajectory."""
         start = time.perf_counter()
         engine.worker.check(req)
         job = engine.submit(req)
-        traj = await asyncio.wrap_future(job.future)
+        traj = await _result(request, job.future)
+        if traj is None:
+            return error_response(499, "client closed the request")  # nobody reads it; counted in metrics
+        ready = time.perf_counter()
         data = await run_in_threadpool(traj.to_bytes, req.half)
         seconds = time.perf_counter() - start
         metrics.request_seconds.observe(seconds)
         return Response(data, media_type="application/octet-stream", headers={
             "X-Splitdiff-Request": str(job.id),
             "X-Splitdiff-Server-Seconds": f"{seconds:.6f}",
+            "X-Splitdiff-Serialize-Seconds": f"{seconds - (ready - start):.6f}",
             "X-Splitdiff-Queue-Seconds": f"{(job.admitted or job.arrived) - job.arrived:.6f}",
             "X-Splitdiff-Mean-Batch": f"{job.mean_batch:.3f}",
         })
@@ -91,6 +96,18 @@ def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = M
         app.add_middleware(BearerAuth, token=token)
     app.add_middleware(CountStatuses, metrics=metrics)  # outermost: sees every answer
     return app
+
+
+async def _result(request: Request, future: Future, poll: float = 0.25):
+    """The job's trajectory; None if the client went away first (its job is cancelled, freeing its place)."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=poll)
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            waiting.cancel()
+            return None
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -28,13 +28,20 @@ class Handoff:
 
     sent_bytes: int
     received_bytes: int
-    round_trip: float  # seconds, request sent to body parsed
-    server_seconds: float  # the part the server spent (queue, steps, serialization)
+    round_trip: float  # seconds from sending the request to holding the whole answer
+    server_seconds: float  # the part the server spent: queue, steps, serialization
+    serialize_seconds: float  # the server's share of that spent serializing
+    parse_seconds: float  # loading the answer here
     attempts: int
 
     @property
     def network_seconds(self) -> float:
         return max(0.0, self.round_trip - self.server_seconds)
+
+    @property
+    def seconds(self) -> float:
+        """The handoff's own cost: serialize, transfer, parse."""
+        return self.serialize_seconds + self.network_seconds + self.parse_seconds
 
 
 class CloudClient:
@@ -81,13 +88,16 @@ class CloudClient:
                 continue
             if r.status_code >= 400:
                 raise UserError(f"the cloud refused the request (HTTP {r.status_code}): {_reason(r)}")
+            received = time.perf_counter()
             try:
                 traj = Trajectory.from_bytes(r.content)
             except TrajectoryError as e:
                 problem = f"corrupt answer: {e}"
                 continue
-            return traj, Handoff(len(body), len(r.content), time.perf_counter() - start,
-                                 _float(r.headers.get("X-Splitdiff-Server-Seconds")), attempt)
+            return traj, Handoff(len(body), len(r.content), received - start,
+                                 _float(r.headers.get("X-Splitdiff-Server-Seconds")),
+                                 _float(r.headers.get("X-Splitdiff-Serialize-Seconds")),
+                                 time.perf_counter() - received, attempt)
         raise CloudUnavailable(f"{self.url} failed {self.tries} tries; last: {problem}")
 
 

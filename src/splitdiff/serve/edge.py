@@ -15,7 +15,7 @@ from ..core.runner import advance
 from ..core.trajectory import Trajectory
 from ..errors import UserError
 from ..hybrid.pipeline import HybridPipeline, latent_factor
-from .client import CloudClient, CloudUnavailable
+from .client import CloudClient, CloudUnavailable, Handoff
 
 OnStep = Callable[[str, int], None]
 
@@ -23,8 +23,8 @@ OnStep = Callable[[str, int], None]
 def run_with_cloud(pipe: HybridPipeline, plan: Plan, client: CloudClient, prompt: str, *, negative_prompt: str = "",
                    steps: int = 25, scheduler: str = "dpmsolver++", seed: int = 0, guidance: float = 5.0,
                    size: int = 64, half: bool = False, on_step: OnStep | None = None,
-                   warn: Callable[[str], None] = print) -> tuple[Trajectory, dict[str, str]]:
-    """The finished trajectory, and cost-table rows for the handoff (network seconds and bytes)."""
+                   warn: Callable[[str], None] = print) -> tuple[Trajectory, Handoff | None]:
+    """The finished trajectory, and what its handoff cost (None when the cloud's steps ran here)."""
     cloud, rest = split_plan(plan)
     check_plan(plan, steps)
     on_step = on_step or (lambda _m, _k: None)
@@ -39,14 +39,20 @@ def run_with_cloud(pipe: HybridPipeline, plan: Plan, client: CloudClient, prompt
                           guidance_scale=guidance, size=size)
         advance(pipe.unets[local], [traj], cloud.steps, local, on_step=lambda k: on_step(local, k))
         traj.degraded = True
-        rows = {}
+        handoff = None
     else:
         _check_answer(traj, pipe, steps=steps, cloud_steps=cloud.steps, scheduler=scheduler, size=size)
         for k in range(cloud.steps):
             on_step(cloud.model, k)
-        rows = {"network": f"{handoff.network_seconds:.3f}", "handoff bytes": f"{handoff.received_bytes:,}"}
     pipe.run(traj, rest, on_step)
-    return traj, rows
+    return traj, handoff
+
+
+def handoff_rows(handoff: Handoff | None) -> dict[str, str]:
+    """Extra rows for the cost table: the handoff's network seconds and bytes."""
+    if handoff is None:
+        return {}
+    return {"network": f"{handoff.network_seconds:.3f}", "handoff bytes": f"{handoff.received_bytes:,}"}
 
 
 def split_plan(plan: Plan) -> tuple[PlanSegment, Plan]:
