@@ -141,16 +141,16 @@ def _tiny_decoder_installed() -> bool:
 def _generate_with_cloud(plan, prompt, url, token, timeout, half, model, vae, decoder, out, **params) -> None:
     """The plan's first segment on the cloud, the rest here; the cloud's steps run here if it cannot be had."""
     from .serve.client import CloudClient
-    from .serve.edge import run_with_cloud, split_plan
+    from .serve.edge import handoff_rows, run_with_cloud, split_plan
 
     _, edge_plan = split_plan(plan)
     client = CloudClient(url, token, timeout)
     pipe = _pipeline_for(edge_plan, model, vae, decoder)
     bar, on_step = _progress(params["steps"])
     with client, bar:
-        traj, rows = run_with_cloud(pipe, plan, client, prompt, half=half, on_step=on_step,
-                                    warn=lambda m: bar.write(f"warning: {m}", file=sys.stderr), **params)
-    _finish(pipe, traj, out, rows)
+        traj, handoff = run_with_cloud(pipe, plan, client, prompt, half=half, on_step=on_step,
+                                       warn=lambda m: bar.write(f"warning: {m}", file=sys.stderr), **params)
+    _finish(pipe, traj, out, handoff_rows(handoff))
 
 
 @app.command()
@@ -297,6 +297,7 @@ def bench_hybrid_cmd(
 def bench_serve_cmd(
     model: str = typer.Option("cloud", help="The served U-Net: a registry name or a diffusers folder."),
     vae: Optional[str] = typer.Option(None, help="The VAE that fixes latent shapes (default: the server's)."),
+    edge_model: Optional[str] = typer.Option(None, help="The edge U-Net of the end-to-end runs (default: edge for cloud, else --model)."),
     out: Path = typer.Option(Path("docs/bench/serve")),
     clients: str = typer.Option("1,4,16,32", help="Concurrent clients to measure, comma-separated."),
     seconds: float = typer.Option(20.0, min=1, help="Seconds of load per measured point."),
@@ -308,8 +309,8 @@ def bench_serve_cmd(
     """Throughput and latency of `serve` under 1..32 clients, batching on vs off, and a load run."""
     from .bench.serve import bench_serve
 
-    bench_serve(out, model=model, vae=vae, clients=clients, seconds=seconds, load_seconds=load_seconds,
-                max_batch=max_batch, steps=steps, cloud_steps=cloud_steps, size=size)
+    bench_serve(out, model=model, vae=vae, edge_model=edge_model, clients=clients, seconds=seconds,
+                load_seconds=load_seconds, max_batch=max_batch, steps=steps, cloud_steps=cloud_steps, size=size)
 
 
 @bench_app.command("family")
