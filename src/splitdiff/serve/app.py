@@ -145,7 +145,9 @@ def validation_message(exc: RequestValidationError) -> str:
         where = ""
     else:
         reason = first.get("msg", "invalid").removeprefix("Value error, ")
-        if first.get("type") in ("model_attributes_type", "dict_type") and not where:
+        if not where and first.get("type") == "missing":
+            reason = "the request needs a JSON object body"
+        elif not where and first.get("type") in ("model_attributes_type", "dict_type"):
             reason += " (send a JSON object with Content-Type: application/json)"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return one_line(f"{where}: {reason}{more}" if where else f"{reason}{more}")

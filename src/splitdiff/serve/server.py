@@ -44,12 +44,19 @@ def _config(app: FastAPI, log_level: str, limits: Limits | None, **kw) -> uvicor
                           **kw)
 
 
-def run(app: FastAPI, host: str, port: int, log_level: str = "info", limits: Limits | None = None) -> None:
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket whose connections skip Nagle's delay (asyncio only sets that on sockets it made)."""
     try:
         sock = socket.create_server((host, port))
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted connections inherit it
+    return sock
+
+
+def run(app: FastAPI, host: str, port: int, log_level: str = "info", limits: Limits | None = None) -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = listen(host, port)
     uvicorn.Server(_config(app, log_level, limits)).run(sockets=[sock])
 
 
@@ -58,7 +65,7 @@ class ThreadedServer:
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", log_level: str = "warning",
                  limits: Limits | None = None):
-        self._sock = socket.create_server((host, 0))
+        self._sock = listen(host, 0)
         self.url = f"http://{host}:{self._sock.getsockname()[1]}"
         self.server = uvicorn.Server(_config(app, log_level, limits))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
