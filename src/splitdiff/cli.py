@@ -169,13 +169,13 @@ def serve(
     log_level: str = typer.Option("info", help="critical, error, warning, info or debug."),
 ):
     """Serve a model's first steps over HTTP with step-level batching (API docs at /docs)."""
-    from .serve.auth import load_token
-    from .serve.server import Limits, build_app, run
-
     if role != "cloud":
         raise UserError(f"--role {role!r} is not served; the edge runs `generate --cloud-url`")
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise UserError(f"--log-level must be critical, error, warning, info or debug, not {log_level!r}")
+    from .serve.auth import load_token
+    from .serve.server import Limits, build_app, run
+
     limits = Limits(max_batch, max_waiting, max_steps, max_size)
     run(build_app(model, name=name, vae=vae, token=load_token(token_file), limits=limits), host, port, log_level,
         limits)
