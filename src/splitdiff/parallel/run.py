@@ -1,0 +1,111 @@
+"""One generation with a patch-parallel U-Net: the same call on every rank.
+
+The core's trajectory and runner do the sampling, untouched: every rank starts the
+same seeded trajectory and takes the same steps, and each U-Net call underneath is
+cut into patches and gathered back. The CLI and the benchmark run this on each rank.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+from .unet import parallelize
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass
+class Job:
+    prompt: str
+    unet: str = "cloud"  # a registry name or diffusers folder; "tiny" for a random tiny U-Net
+    size: int = 32  # latent side (the image's side divided by the VAE's factor)
+    steps: int = 20
+    scheduler: str = "ddim"
+    guidance: float = 5.0
+    seed: int = 0
+    negative: str = ""
+    mode: str | None = "pcpp"  # None: the stock U-Net on one device, the reference
+    band: float = 0.3
+    warmup_steps: int = 4
+    groupnorm: str = "sync"
+    split_cfg: bool = False
+    out: str | None = None  # rank 0 writes latents (.safetensors) or, with a VAE, an image here
+    vae: str | None = None  # registry name or folder; "tiny" for a random tiny VAE
+
+
+def load_unet(spec: str):
+    if spec == "tiny":
+        from ..core.tiny import tiny_unet
+
+        return tiny_unet(channels=(32, 64))
+    from ..core.registry import load_unet as load
+
+    return load(spec)
+
+
+def load_vae(spec: str):
+    if spec == "tiny":
+        from ..core.tiny import tiny_vae
+
+        return tiny_vae()
+    from ..core.registry import load_vae as load
+
+    return load(spec)
+
+
+def run(job: Job) -> dict:
+    """Generate on this rank (call it on every rank): its U-Net seconds, and every rank's stats."""
+    from ..core.registry import noise_schedule
+    from ..core.runner import advance
+    from ..core.trajectory import new_trajectory
+    from ..text import prompt_encoder_for
+
+    if job.out and Path(job.out).suffix.lower() in IMAGE_SUFFIXES and job.vae is None:
+        raise UserError(f"writing an image ({job.out}) needs a VAE; pass one, or write .safetensors latents")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    unet = load_unet(job.unet).to(device)
+    encoder = prompt_encoder_for(job.unet)
+    embeds, mask = encoder([job.prompt, job.negative])
+    if embeds.shape[-1] != unet.config.cross_attention_dim:
+        raise UserError(f"the U-Net cross-attends to width {unet.config.cross_attention_dim}, "
+                        f"but the text encoder gives {embeds.shape[-1]}")  # fmt: skip
+    traj = new_trajectory(
+        embeds[0], embeds[1], latent_shape=(unet.config.in_channels, job.size, job.size), scheduler=job.scheduler,
+        steps=job.steps, seed=job.seed, guidance_scale=job.guidance, prompt_mask=None if mask is None else mask[0],
+        negative_mask=None if mask is None else mask[1], noise_schedule=noise_schedule(job.unet), prompt=job.prompt,
+        negative_prompt=job.negative,
+    )  # fmt: skip
+
+    handle = None
+    if job.mode is not None:
+        handle = parallelize(unet, job.mode, band=job.band, warmup_steps=job.warmup_steps,
+                             groupnorm=job.groupnorm, split_cfg=job.split_cfg)  # fmt: skip
+    started = time.perf_counter()
+    advance(unet, [traj], job.steps, model_name=job.unet)
+    seconds = time.perf_counter() - started
+    stats = []
+    if handle is not None:
+        stats = handle.gather_stats()
+        handle.remove()
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and job.out:
+        write(job, traj.latents)
+    return {"rank": rank, "seconds": seconds, "stats": stats}
+
+
+def write(job: Job, latents: torch.Tensor) -> None:
+    from ..io import atomic_save_image, save_tensors
+
+    if Path(job.out).suffix.lower() in IMAGE_SUFFIXES:
+        from ..core.runner import decode, to_pil
+
+        atomic_save_image(to_pil(decode(load_vae(job.vae), latents))[0], job.out)
+    else:
+        save_tensors(job.out, {"latents": latents}, meta={"job": asdict(job)})
