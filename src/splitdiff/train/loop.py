@@ -46,7 +46,9 @@ def make_ema(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """EMA with warm-up (decay grows as (1 + step) / (10 + step)): the random init fades fast."""
+    decay = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
@@ -108,7 +110,7 @@ def run_training(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.optim
             model.train()
             loss = float(step_fn(state.step))
             if ema is not None:
-                update_ema(ema, model, cfg.ema_decay)
+                update_ema(ema, model, cfg.ema_decay, state.step)
             state.step += 1
             losses.append(loss)
             bar.update(1)

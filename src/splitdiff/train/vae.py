@@ -85,5 +85,5 @@ def train_vae(run_dir: Path, out: Path, steps: int = 4000, batch_size: int = 16,
         model.eval()
         export_diffusers(model, out, scaling_factor=latent_scaling_factor(model))
 
-    run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250, ema_decay=0.999), vae, opt, step,
+    run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250), vae, opt, step,
                  export, desc="vae")

@@ -1,0 +1,25 @@
+"""Training commands resume exactly where they stopped, and never unpickle."""
+
+import torch
+
+from splitdiff.io import load_tensors
+from splitdiff.train.evaluator import train_evaluator
+
+
+def test_stopped_and_resumed_training_equals_one_run(tmp_path):
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    train_evaluator(straight, steps=4, batch_size=4, out=straight / "w.safetensors")
+    train_evaluator(resumed, steps=2, batch_size=4, out=resumed / "w.safetensors")
+    assert load_tensors(resumed / "checkpoint.safetensors")[1]["step"] == 2
+    train_evaluator(resumed, steps=4, batch_size=4, out=resumed / "w.safetensors")
+    a, _ = load_tensors(straight / "w.safetensors")
+    b, meta = load_tensors(resumed / "w.safetensors")
+    assert meta["step"] == 4 and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "resumed at step 2" in (resumed / "train.log").read_text()
+
+
+def test_max_minutes_stops_cleanly_with_a_checkpoint(tmp_path):
+    train_evaluator(tmp_path, steps=100, batch_size=4, max_minutes=0.0, out=tmp_path / "w.safetensors")
+    _, meta = load_tensors(tmp_path / "checkpoint.safetensors")
+    assert meta["step"] == 0 and (tmp_path / "w.safetensors").exists()
