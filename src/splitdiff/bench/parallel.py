@@ -19,7 +19,7 @@ import torch
 from ..io import load_tensors
 from ..parallel import launch
 from ..parallel.launch import RankFailure
-from ..parallel.run import Job, run
+from ..parallel.run import Job, encode, run
 from ..parallel.stats import CATEGORIES, per_step
 
 PROMPT = "a red circle above a blue square"
@@ -47,6 +47,7 @@ def bench_parallel(
     out = Path(out_dir)
     (out / "latents").mkdir(parents=True, exist_ok=True)
     base = Job(prompt, unet=unet or "tiny", size=size, steps=steps, mode=None, band=band, warmup_steps=warmup_steps)
+    encode(base)  # once, here: the forked ranks inherit the loaded encoder and the encoding
     reference = _generate(replace(base, out=str(out / "latents" / "single.safetensors")), 1, timeout_s)
     ref = _latents(reference)
     ref_image = _decode(vae, ref) if vae else None

@@ -49,7 +49,7 @@ def parallel(
 ) -> None:
     """Generate with the U-Net's steps cut into row patches across ranks."""
     from .launch import RankFailure, launch
-    from .run import IMAGE_SUFFIXES, Job, run
+    from .run import IMAGE_SUFFIXES, Job, encode, run
     from .stats import per_step
 
     image = out.suffix.lower() in IMAGE_SUFFIXES
@@ -70,6 +70,7 @@ def parallel(
         if int(os.environ["RANK"]) != 0:
             return
     else:
+        encode(job)  # once, here: the forked ranks inherit the loaded encoder and the encoding
         try:
             results = launch(run, ranks or 1, {"job": job}, timeout_s=timeout)
         except RankFailure as failure:

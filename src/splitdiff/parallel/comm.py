@@ -83,6 +83,8 @@ class Comm:
         self.world_size = dist.get_world_size()
         self.stats = stats
         self._tag = 0
+        nccl = dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def start(self, category: str, sends: dict[int, torch.Tensor], receives: dict[int, torch.Tensor]) -> Exchange:
         """Post sends (rank -> tensor) and receives into the given empty tensors (rank -> tensor)."""

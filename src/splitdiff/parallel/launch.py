@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .comm import DEFAULT_TIMEOUT_S, PeerFailure, setup, teardown
 
 
@@ -46,6 +48,8 @@ def launch(
     timeout_s bounds each wait of one rank on another (process-group timeout);
     deadline_s, if given, bounds the whole run.
     """
+    if torch.cuda.is_initialized():
+        raise RuntimeError("launch forks its ranks, and CUDA is already initialized here; use torchrun instead")
     port = _free_port()
     context = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="splitdiff-ranks-") as tmp:
@@ -67,8 +71,6 @@ def launch(
 
 def _rank_main(fn, kwargs, rank, nprocs, port, out: Path, timeout_s: float) -> None:
     """One rank: torchrun's environment, the process group, fn, its result or its error."""
-    import torch
-
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -126,20 +128,31 @@ def _stop(procs) -> None:
 
 
 def _report(procs, out: Path) -> str:
-    """One line: the ranks that failed on their own first, then those that lost them, then the stopped."""
-    failed, lost, stopped = [], [], []
+    """One line: what the ranks that failed on their own said, then those that lost them, then the stopped."""
+    failed: dict[str, list[int]] = {}
+    lost: dict[str, list[int]] = {}
+    stopped = []
     for rank, p in enumerate(procs):
         error = out / f"rank{rank}.error"
         if p.exitcode is None:
             stopped.append(rank)
         elif error.exists():
             info = json.loads(error.read_text())
-            (lost if info["kind"] == "lost" else failed).append(f"rank {rank}: {info['message']}")
+            (lost if info["kind"] == "lost" else failed).setdefault(info["message"], []).append(rank)
         elif p.exitcode != 0:
             how = f"was killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with code {p.exitcode}"
-            failed.append(f"rank {rank} {how}")
-    parts = failed + lost + ([f"stopped rank(s) {', '.join(map(str, stopped))}"] if stopped else [])
+            failed.setdefault(how, []).append(rank)
+    parts = [
+        f"{_ranks(ranks)} {message}" if message[0].islower() else f"{_ranks(ranks)}: {message}"
+        for message, ranks in [*failed.items(), *lost.items()]
+    ]
+    if stopped:
+        parts.append(f"stopped {_ranks(stopped)}")
     return "; ".join(parts)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
 
 
 def _free_port() -> int:

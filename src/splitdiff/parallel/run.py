@@ -64,14 +64,17 @@ def run(job: Job) -> dict:
     from ..core.registry import noise_schedule
     from ..core.runner import advance
     from ..core.trajectory import new_trajectory
-    from ..text import prompt_encoder_for
 
     if job.out and Path(job.out).suffix.lower() in IMAGE_SUFFIXES and job.vae is None:
         raise UserError(f"writing an image ({job.out}) needs a VAE; pass one, or write .safetensors latents")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     unet = load_unet(job.unet).to(device)
-    encoder = prompt_encoder_for(job.unet)
-    embeds, mask = encoder([job.prompt, job.negative])
+    handle = None
+    if job.mode is not None:
+        handle = parallelize(unet, job.mode, band=job.band, warmup_steps=job.warmup_steps,
+                             groupnorm=job.groupnorm, split_cfg=job.split_cfg)  # fmt: skip
+        handle.split(job.size, job.size)  # fail before the slow part if the latent cannot be cut
+    embeds, mask = encode(job)
     if embeds.shape[-1] != unet.config.cross_attention_dim:
         raise UserError(f"the U-Net cross-attends to width {unet.config.cross_attention_dim}, "
                         f"but the text encoder gives {embeds.shape[-1]}")  # fmt: skip
@@ -81,11 +84,6 @@ def run(job: Job) -> dict:
         negative_mask=None if mask is None else mask[1], noise_schedule=noise_schedule(job.unet), prompt=job.prompt,
         negative_prompt=job.negative,
     )  # fmt: skip
-
-    handle = None
-    if job.mode is not None:
-        handle = parallelize(unet, job.mode, band=job.band, warmup_steps=job.warmup_steps,
-                             groupnorm=job.groupnorm, split_cfg=job.split_cfg)  # fmt: skip
     started = time.perf_counter()
     advance(unet, [traj], job.steps, model_name=job.unet)
     seconds = time.perf_counter() - started
@@ -98,6 +96,14 @@ def run(job: Job) -> dict:
     if rank == 0 and job.out:
         write(job, traj.latents)
     return {"rank": rank, "seconds": seconds, "stats": stats}
+
+
+def encode(job: Job):
+    """(prompt and negative-prompt embeddings, mask). Encodings are cached: a launcher that
+    calls this before forking its ranks spares each of them loading the text encoder."""
+    from ..text import prompt_encoder_for
+
+    return prompt_encoder_for(job.unet)([job.prompt, job.negative])
 
 
 def write(job: Job, latents: torch.Tensor) -> None:

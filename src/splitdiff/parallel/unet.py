@@ -107,16 +107,21 @@ class PatchParallel:
         self._swapped, self._processors, self._hooks = [], [], []
         self.unet._patch_parallel = None
 
+    def split(self, height: int, width: int) -> RowSplit:
+        """The patches a height x width latent is cut into (a UserError if it cannot be)."""
+        return RowSplit.of(height, width, len(self.context.members), self.levels)
+
     def gather_stats(self) -> list[dict[str, float]]:
         """Every rank's per-step records, on every rank (a collective: call it on all ranks)."""
         mine = self.stats.rows()
         keys = list(mine[0]) if mine else []
-        table = torch.tensor([[row[k] for k in keys] for row in mine], dtype=torch.float64).reshape(len(mine), -1)
         comm = self.context.comm
+        table = torch.tensor([[row[k] for k in keys] for row in mine], dtype=torch.float64, device=comm.device)
+        table = table.reshape(len(mine), -1)
         others = [r for r in range(self.world_size) if r != self.rank]
         got = comm.start("stats", {r: table for r in others}, {r: torch.empty_like(table) for r in others}).wait()
         got[self.rank] = table
-        return [dict(zip(keys, map(float, line))) for r in sorted(got) for line in got[r].tolist()]
+        return [dict(zip(keys, line)) for r in sorted(got) for line in got[r].tolist()]
 
     def _drain(self) -> None:
         """Finish the exchanges still in flight and forget stale values."""
@@ -170,7 +175,7 @@ class PatchParallel:
                 self.reset()
             self._shape = sample.shape
         batch, _, height, width = sample.shape
-        split = RowSplit.of(height, width, len(self.context.members), self.levels)
+        split = self.split(height, width)
         self.context.split, self.context.step = split, self._step
         self.stats.begin(self._step)
 
