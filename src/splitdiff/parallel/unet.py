@@ -121,7 +121,9 @@ class PatchParallel:
         others = [r for r in range(self.world_size) if r != self.rank]
         got = comm.start("stats", {r: table for r in others}, {r: torch.empty_like(table) for r in others}).wait()
         got[self.rank] = table
-        return [dict(zip(keys, line)) for r in sorted(got) for line in got[r].tolist()]
+        whole = [k for k in keys if not k.endswith("_s")]  # step, rank and byte counts travel as floats
+        rows = [dict(zip(keys, line)) for r in sorted(got) for line in got[r].tolist()]
+        return [{k: int(v) if k in whole else v for k, v in row.items()} for row in rows]
 
     def _drain(self) -> None:
         """Finish the exchanges still in flight and forget stale values."""
