@@ -228,6 +228,21 @@ def test_engine_failure_answers_the_batch_and_keeps_serving():
     assert ok.future.result().step_index == 1
 
 
+def test_a_dead_engine_loop_answers_what_it_held_and_refuses_more():
+    from splitdiff.serve.engine import ShuttingDown
+
+    engine = Engine(RecordingWorker())
+    engine.scheduler.schedule = lambda: 1 / 0
+    job = engine.submit(_req("a", 1))
+    engine.start()
+    with pytest.raises(ShuttingDown):
+        job.future.result(timeout=10)
+    engine.stop()
+    assert not engine.alive
+    with pytest.raises(ShuttingDown):
+        engine.submit(_req("b", 1))
+
+
 # -- when the cloud cannot be had ------------------------------------------------------------
 def test_unreachable_cloud_falls_back_to_the_edge_and_still_writes_the_image(tmp_path, local, paths):
     out = tmp_path / "fallback.png"

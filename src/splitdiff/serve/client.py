@@ -71,7 +71,10 @@ class CloudClient:
 
     def trajectory(self, request: dict) -> tuple[Trajectory, Handoff]:
         """POST /v1/trajectories with `request` (see schemas.TrajectoryRequest); the answer, parsed."""
-        body = json.dumps(request, allow_nan=False).encode()
+        try:
+            body = json.dumps(request, allow_nan=False).encode()
+        except ValueError:
+            raise UserError("the request holds a number that is not finite (nan or inf)") from None
         problem = "no try was made"
         for attempt in range(1, self.tries + 1):
             if attempt > 1:

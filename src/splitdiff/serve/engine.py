@@ -69,11 +69,23 @@ class Engine:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        with self._cv:
-            for job in self.scheduler.drain():
-                _settle(job.future, error=ShuttingDown("server is shutting down"))
+        if not self.alive:  # a loop that never ran has answered nobody yet
+            with self._cv:
+                for job in self.scheduler.drain():
+                    _settle(job.future, error=ShuttingDown("server is shutting down"))
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except Exception:
+            log.exception("the engine loop failed; answering what it held")
+        finally:  # whatever ended the loop, nobody is left waiting on it
+            with self._cv:
+                self._stopping = True
+                for job in self.scheduler.drain():
+                    _settle(job.future, error=ShuttingDown("the engine stopped"))
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not self._stopping and not self.scheduler.has_work:
