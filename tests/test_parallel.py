@@ -145,7 +145,7 @@ def test_async_modes_equal_sync_during_warmup(runs):
         assert (t(outputs[WARMUP]) - t(sync[WARMUP])).abs().max() > 1e-4, mode  # stale values in use
 
 
-def fixed_input(mode: str, band: float = 0.3, groupnorm: str = "sync") -> list[float]:
+def fixed_input(mode: str, band: float = 0.3, groupnorm: str = "sync", split_cfg: bool = False) -> list[float]:
     """Max abs difference from sync, step by step, when every step sees the same input."""
     unet = tiny_unet()
     g = torch.Generator().manual_seed(2)
@@ -154,7 +154,7 @@ def fixed_input(mode: str, band: float = 0.3, groupnorm: str = "sync") -> list[f
         handle = parallelize(unet, "sync")
         exact = unet(x, 500, encoder_hidden_states=context).sample
         handle.remove()
-        parallelize(unet, mode, band=band, warmup_steps=1, groupnorm=groupnorm)
+        parallelize(unet, mode, band=band, warmup_steps=1, groupnorm=groupnorm, split_cfg=split_cfg)
         return [(unet(x, 500, encoder_hidden_states=context).sample - exact).abs().max().item() for _ in range(3)]
 
 
@@ -163,6 +163,7 @@ def test_stale_values_are_exact_when_nothing_changes():
     assert max(launch(fixed_input, 3, {"mode": "distrifusion"})[0]) <= 1e-6
     assert max(launch(fixed_input, 3, {"mode": "distrifusion", "groupnorm": "async"})[0]) <= 1e-5
     assert max(launch(fixed_input, 2, {"mode": "pcpp", "band": 1.0})[0]) <= 1e-6  # two patches: the band is all
+    assert max(launch(fixed_input, 4, {"mode": "distrifusion", "groupnorm": "async", "split_cfg": True})[0]) <= 1e-5
 
 
 # -- traffic --------------------------------------------------------------------------------------
