@@ -330,6 +330,17 @@ def validate_evaluator_cmd(n: int = typer.Option(512, min=16), out: Optional[Pat
     print_validation(validate(n), out)
 
 
+def _register_axes() -> None:
+    """The space axis brings its own commands."""
+    from .parallel.cli import register, register_bench
+
+    register(app)
+    register_bench(bench_app)
+
+
+_register_axes()
+
+
 def _quiet_libraries() -> None:
     """Library warnings are for developers; the CLI speaks in its own one-line errors."""
     import logging
