@@ -66,8 +66,8 @@ class Worker:
 
         return new_trajectory(
             tensor(req.prompt_embeds), tensor(req.negative_embeds), prompt_mask=tensor(req.prompt_mask, torch.long),
-            negative_mask=tensor(req.negative_mask, torch.long), latent_shape=(self.unet.config.in_channels, side, side),
-            noise_schedule=self.pipe.noise_schedule, negative_prompt=req.negative_prompt, **common)
+            negative_mask=tensor(req.negative_mask, torch.long), negative_prompt=req.negative_prompt,
+            latent_shape=(self.unet.config.in_channels, side, side), noise_schedule=self.pipe.noise_schedule, **common)
 
     def step(self, trajs: list[Trajectory]) -> float:
         """One batched U-Net call for all `trajs`, each at its own step index; returns its seconds."""
