@@ -24,7 +24,7 @@ from .latent_cache import load_or_build
 from .loop import LoopConfig, run_training, set_cosine_lr
 
 UNET_CONFIGS = {
-    "cloud": dict(block_out_channels=(64, 128, 192), layers_per_block=2),
+    "cloud": dict(block_out_channels=(32, 64, 128), layers_per_block=2),
 }
 PROMPT_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0
