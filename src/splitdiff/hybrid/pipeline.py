@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..core.plan import Plan, check_plan
+from ..core.plan import Plan, PlanSegment, check_plan
 from ..core.runner import advance, decode, to_pil
 from ..core.trajectory import Trajectory, new_trajectory
 from ..errors import UserError
@@ -49,6 +49,9 @@ class HybridPipeline:
     noise_schedule: dict | None = None
     context_dim: int | None = None
     timings: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)  # plan name -> registry name or folder (for other processes)
+    # plan name -> fn(traj, steps) that advances traj in place outside this process (e.g. on patch-parallel ranks)
+    elsewhere: dict[str, Callable[[Trajectory, int], None]] = field(default_factory=dict)
 
     def __post_init__(self):
         check_compatible(self.unets, self.vae, self.context_dim)
@@ -76,12 +79,21 @@ class HybridPipeline:
             if seg.model not in self.unets:
                 raise UserError(f"plan names model {seg.model!r} but only {', '.join(self.unets)} are loaded")
         for seg in plan:
-            unet = self.unets[seg.model]
-            if traj.latents.shape[1] != unet.config.in_channels:
-                raise UserError(f"trajectory has {traj.latents.shape[1]} latent channels; "
-                                f"model {seg.model!r} takes {unet.config.in_channels}")
+            self.run_segment(traj, seg, on_step)
+
+    def run_segment(self, traj: Trajectory, seg: PlanSegment, on_step: Callable[[str, int], None] | None = None) -> None:
+        """One segment: here with the model's U-Net, or wherever `elsewhere` sends that model's steps."""
+        unet = self.unets[seg.model]
+        if traj.latents.shape[1] != unet.config.in_channels:
+            raise UserError(f"trajectory has {traj.latents.shape[1]} latent channels; "
+                            f"model {seg.model!r} takes {unet.config.in_channels}")
+        if seg.model not in self.elsewhere:
             advance(unet, [traj], seg.steps, seg.model,
                     on_step=(lambda k, m=seg.model: on_step(m, k)) if on_step else None)
+            return
+        self.elsewhere[seg.model](traj, seg.steps)
+        for k in range(seg.steps if on_step else 0):
+            on_step(seg.model, k)
 
     def decode(self, traj: Trajectory):
         """The trajectory's image (PIL); the decode time goes to `timings['decode']`."""
@@ -100,4 +112,4 @@ def load_pipeline(model_sources: dict[str, str], vae_source: str, dtype: torch.d
     first = next(iter(model_sources.values()))
     encoder = prompt_encoder_for(first)
     return HybridPipeline(unets, load_vae(vae_source, dtype), encoder, noise_schedule(first),
-                          encoder.model.config.hidden_size)
+                          encoder.model.config.hidden_size, sources=dict(model_sources))

@@ -3,18 +3,22 @@
 Spawns local ranks itself (`--ranks N`), or runs as one rank of torchrun:
     torchrun --nproc-per-node 4 -m splitdiff parallel "a red circle" --mode pcpp
 Rank 0 writes the output and prints the traffic per step.
+
+`PatchPlan` is `generate --parallel`: some models of a step plan run patch-parallel.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ..core.plan import format_plan
 from ..errors import UserError
-from .context import MODES
+from .context import MODES, Options
 
 
 def register(app: typer.Typer) -> None:
@@ -119,3 +123,50 @@ def _one_rank(job, timeout: float) -> dict:
         raise typer.Exit(1) from None
     return result
 
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    """`generate --parallel MODE --ranks N --parallel-models A,B`: the named models' segments run on N local ranks."""
+
+    mode: str
+    ranks: int
+    models: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, mode: Optional[str], ranks: Optional[int], models: Optional[str], plan) -> Optional[PatchPlan]:
+        """None without --parallel; a UserError for what is wrong before any model loads."""
+        if mode is None:
+            if ranks is not None or models:
+                raise UserError("--ranks and --parallel-models go with --parallel MODE")
+            return None
+        Options(mode)
+        if ranks is not None and ranks < 1:
+            raise UserError(f"--ranks must be at least 1, not {ranks}")
+        names = tuple(m.strip() for m in models.split(",") if m.strip()) if models else (plan[0].model,)
+        unknown = [n for n in names if n not in {s.model for s in plan}]
+        if unknown or not names:
+            missing = ", ".join(unknown) or "nothing"
+            raise UserError(f"--parallel-models names {missing}, not a model of the plan {format_plan(plan)}")
+        return cls(mode, 2 if ranks is None else ranks, names)
+
+    def install(self, pipe, traj) -> None:
+        """Refuse what cannot be cut (before any rank starts), then send these models' segments to ranks."""
+        from .segment import check_parallel
+
+        for name in self.models:
+            check_parallel(pipe.unets[name], traj.latents.shape, self.mode, self.ranks)
+            pipe.elsewhere[name] = lambda t, steps, name=name: self._advance(pipe.sources[name], name, t, steps)
+
+    def _advance(self, source: str, name: str, traj, steps: int) -> None:
+        """In place, as the core's runner advances; a failed rank is one line and exit code 1."""
+        from ..core.trajectory import Trajectory
+        from .launch import RankFailure
+        from .segment import advance_parallel
+
+        try:
+            data = advance_parallel(source, traj.to_bytes(), steps, name, self.mode, self.ranks)
+        except RankFailure as failure:
+            typer.echo(f"splitdiff: error: patch-parallel ranks failed: {failure}", err=True)
+            raise typer.Exit(1) from None
+        vars(traj).update(vars(Trajectory.from_bytes(data)))

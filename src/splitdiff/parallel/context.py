@@ -34,6 +34,14 @@ class Options:
         if self.warmup_steps < (0 if self.mode == "sync" else 1):
             raise UserError(f"mode {self.mode!r} needs at least one warm-up step to have stale values to use")
 
+    def groups(self, world: int) -> int:
+        """Rank groups, one per image batch half: two with split_cfg, which then needs an even world."""
+        if not self.split_cfg:
+            return 1
+        if world % 2:
+            raise UserError(f"splitting classifier-free guidance needs an even number of ranks, not {world}")
+        return 2
+
 
 class Context:
     """Shared, mutable per-call state: the row split, this rank's patch, the step."""

@@ -2,7 +2,8 @@
 
 The ranks are forked from this process, so they start without re-importing torch and
 share the function and its arguments as they are (nothing is serialized); each rank
-joins the process group the way torchrun's ranks do, and returns a JSON result. For
+joins the process group the way torchrun's ranks do, and returns a JSON result or
+bytes (a serialized trajectory, say), which come back through a file as they are. For
 several machines, use torchrun instead: it stops all ranks when one fails, too.
 
 Forked ranks run torch on one thread each, as DataLoader workers do: a thread pool
@@ -43,7 +44,7 @@ def launch(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     deadline_s: float | None = None,
 ) -> list[Any]:
-    """Call fn(**kwargs) on ranks 0..nprocs-1 and return their JSON-able results, by rank.
+    """Call fn(**kwargs) on ranks 0..nprocs-1 and return their results (JSON-able, or bytes), by rank.
 
     timeout_s bounds each wait of one rank on another (process-group timeout);
     deadline_s, if given, bounds the whole run.
@@ -66,7 +67,7 @@ def launch(
             _watch(procs, out, deadline_s)
         finally:
             _stop(procs)
-        return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nprocs)]
+        return [_result(out, r) for r in range(nprocs)]
 
 
 def _rank_main(fn, kwargs, rank, nprocs, port, out: Path, timeout_s: float) -> None:
@@ -81,7 +82,10 @@ def _rank_main(fn, kwargs, rank, nprocs, port, out: Path, timeout_s: float) -> N
         setup(timeout_s)
         result = fn(**kwargs)
         teardown(timeout_s)
-        (out / f"rank{rank}.json").write_text(json.dumps(result))
+        if isinstance(result, bytes):
+            (out / f"rank{rank}.bin").write_bytes(result)
+        else:
+            (out / f"rank{rank}.json").write_text(json.dumps(result))
     except BaseException as error:  # noqa: BLE001 - every failure must reach the launcher
         traceback.print_exc()
         kind = "lost" if isinstance(error, PeerFailure) else "failed"
@@ -91,6 +95,11 @@ def _rank_main(fn, kwargs, rank, nprocs, port, out: Path, timeout_s: float) -> N
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _result(out: Path, rank: int) -> Any:
+    binary = out / f"rank{rank}.bin"
+    return binary.read_bytes() if binary.exists() else json.loads((out / f"rank{rank}.json").read_text())
 
 
 def _watch(procs, out: Path, deadline_s: float | None) -> None:

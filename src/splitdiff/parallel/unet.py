@@ -53,14 +53,36 @@ def parallelize(
     return PatchParallel(unet, options)
 
 
+def downsamplings(unet: nn.Module) -> int:
+    """2x downsamplings between the latent and the U-Net's lowest resolution, where rows are cut."""
+    return sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+
+
+def check_supported(unet: nn.Module) -> None:
+    """A UserError naming (up to three of) the modules patches cannot cut; callable before any rank starts."""
+    problems = []
+    for name, module in unet.named_modules():
+        kind = type(module).__name__
+        if kind in UNSUPPORTED_BLOCKS or isinstance(module, nn.ConvTranspose2d):
+            problems.append(f"{name} ({kind})")
+        elif kind == "Downsample2D" and module.use_conv and module.padding == 0:
+            problems.append(f"{name} (Downsample2D with padding 0 pads only bottom and right)")
+        elif isinstance(module, Attention):
+            if module.group_norm is not None or module.spatial_norm is not None or module.added_kv_proj_dim:
+                problems.append(f"{name} (spatial or added-K/V attention)")
+        elif isinstance(module, nn.Conv2d) and any(halo(module)):
+            if isinstance(module.padding, str) or module.padding_mode != "zeros":
+                problems.append(f"{name} (convolution padding {module.padding!r}/{module.padding_mode})")
+    if problems:
+        raise UserError(f"patch parallelism does not support {', '.join(problems[:3])}")
+
+
 class PatchParallel:
     """The handle of a parallelized U-Net: new generations, traffic and timing, undoing the swap."""
 
     def __init__(self, unet: nn.Module, options: Options):
         world, rank = dist.get_world_size(), dist.get_rank()
-        groups = 2 if options.split_cfg else 1
-        if world % groups:
-            raise UserError(f"splitting classifier-free guidance needs an even number of ranks, not {world}")
+        groups = options.groups(world)
         size = world // groups
         self.group = rank // size
         self.groups = groups
@@ -68,7 +90,7 @@ class PatchParallel:
         self.options = options
         self.stats = Stats(rank)
         self.context = Context(options, Comm(self.stats), tuple(range(self.group * size, (self.group + 1) * size)))
-        self.levels = sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+        self.levels = downsamplings(unet)
         self._signature = inspect.signature(unet.forward)
         self._shape: torch.Size | None = None
         self._step = 0
@@ -135,25 +157,13 @@ class PatchParallel:
     # -- the swap ------------------------------------------------------------------------------
 
     def _swap_in(self) -> None:
+        check_supported(self.unet)
         replacements: dict[nn.Module, nn.Module] = {}
-        problems = []
-        for name, module in self.unet.named_modules():
-            kind = type(module).__name__
-            if kind in UNSUPPORTED_BLOCKS or isinstance(module, nn.ConvTranspose2d):
-                problems.append(f"{name} ({kind})")
-            elif kind == "Downsample2D" and module.use_conv and module.padding == 0:
-                problems.append(f"{name} (Downsample2D with padding 0 pads only bottom and right)")
-            elif isinstance(module, Attention):
-                if module.group_norm is not None or module.spatial_norm is not None or module.added_kv_proj_dim:
-                    problems.append(f"{name} (spatial or added-K/V attention)")
-            elif isinstance(module, nn.GroupNorm):
+        for module in self.unet.modules():
+            if isinstance(module, nn.GroupNorm):
                 replacements[module] = PatchGroupNorm(module, self.context)
             elif isinstance(module, nn.Conv2d) and any(halo(module)):
-                if isinstance(module.padding, str) or module.padding_mode != "zeros":
-                    problems.append(f"{name} (convolution padding {module.padding!r}/{module.padding_mode})")
                 replacements[module] = PatchConv2d(module, self.context)
-        if problems:
-            raise UserError(f"patch parallelism does not support {', '.join(problems[:3])}")
 
         for parent in list(self.unet.modules()):
             for name, child in list(parent._modules.items()):
