@@ -87,15 +87,21 @@ def generate(
     token: Optional[str] = typer.Option(None, envvar="SPLITDIFF_TOKEN", help="The cloud's bearer token."),
     timeout: float = typer.Option(60.0, min=0.1, help="Seconds to wait for the cloud, per try."),
     half: bool = typer.Option(False, help="Ask the cloud for fp16 tensors (half the bytes, not bit-exact)."),
+    parallel: Optional[str] = typer.Option(None, help="Run some segments patch-parallel: sync, distrifusion or pcpp."),
+    ranks: Optional[int] = typer.Option(None, help="Local ranks for --parallel (default 2)."),
+    parallel_models: Optional[str] = typer.Option(None, help="Plan models run with --parallel, comma-separated "
+                                                  "(default: the plan's first)."),
 ):
     """Generate an image with a step plan over one or more models."""
     from .core.plan import check_plan, parse_plan
     from .io import atomic_write_bytes
+    from .parallel.cli import PatchPlan
 
     from .core.schedulers import SCHEDULERS
 
     parsed = parse_plan(plan)
     check_plan(parsed, steps)
+    patch = PatchPlan.parse(parallel, ranks, parallel_models, parsed)
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if save_state is None:
@@ -104,22 +110,21 @@ def generate(
     if decoder not in ("full", "tiny"):
         raise UserError(f"--decoder must be full or tiny, not {decoder!r}")
     if cloud_url:
-        if save_state:
-            raise UserError("--save-state and --cloud-url do not go together")
+        if save_state or patch:
+            raise UserError(f"{'--save-state' if save_state else '--parallel'} and --cloud-url do not go together")
         return _generate_with_cloud(parsed, prompt, cloud_url, token, timeout, half, model, vae, decoder, out,
                                     negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
                                     guidance=guidance, size=size)
     pipe = _pipeline_for(parsed, model, vae, decoder)
     traj = pipe.start(prompt, negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
                       guidance_scale=guidance, size=size)
+    if patch:
+        patch.install(pipe, traj)
     todo = parsed[:1] if save_state else parsed
     bar, on_step = _progress(sum(s.steps for s in todo))
     with bar:
         if save_state:
-            from .core.runner import advance
-
-            advance(pipe.unets[todo[0].model], [traj], todo[0].steps, todo[0].model,
-                    on_step=lambda k: on_step(todo[0].model, k))
+            pipe.run_segment(traj, todo[0], on_step)
         else:
             pipe.run(traj, parsed, on_step)
     if save_state:
@@ -360,7 +365,7 @@ def main() -> None:
 
     _quiet_libraries()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # an int when a command raised typer.Exit
     except UserError as e:
         typer.echo(f"splitdiff: error: {e}", err=True)
         sys.exit(2)
@@ -370,3 +375,5 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    if isinstance(code, int) and code:
+        sys.exit(code)
