@@ -18,6 +18,7 @@ from diffusers import UNet2DConditionModel
 
 from ..core.registry import load_unet
 from ..text import CONTEXT_DIM
+from .card import write_card
 from .loop import LoopConfig, run_training, set_cosine_lr
 from .prune import inherit, significance
 from .unet import DenoisingData, load_caches
@@ -88,4 +89,5 @@ def compress(run_dir: Path, out: Path, teacher: str = "cloud", steps: int = 4000
         return loss.item()
 
     run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=200, ema_decay=0.999), edge, opt, step,
-                 lambda state, model: export_diffusers(model, out), desc="compress")
+                 lambda state, model: (export_diffusers(model, out), write_card("edge", out, run_dir)),
+                 desc="compress")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderTiny
 
 from ..core.registry import load_vae
+from .card import write_card
 from .loop import LoopConfig, run_training, set_cosine_lr
 from .vae import export_diffusers, render_batch
 
@@ -48,4 +49,5 @@ def train_tiny_decoder(run_dir: Path, out: Path, teacher: str = "vae", steps: in
         return loss.item()
 
     run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250, ema_decay=0.999), tiny, opt, step,
-                 lambda state, model: export_diffusers(model, out), desc="tiny-decoder")
+                 lambda state, model: (export_diffusers(model, out), write_card("tiny-decoder", out, run_dir)),
+                 desc="tiny-decoder")

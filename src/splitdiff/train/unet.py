@@ -20,6 +20,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from ..core.registry import load_vae
 from ..core.schedulers import SD_NOISE_SCHEDULE
 from ..text import CONTEXT_DIM, default_encoder
+from .card import write_card
 from .latent_cache import load_or_build
 from .loop import LoopConfig, run_training, set_cosine_lr
 
@@ -104,4 +105,5 @@ def train_unet(run_dir: Path, out: Path, size: str = "cloud", steps: int = 8000,
         return loss.item()
 
     run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=200, ema_decay=0.999), unet, opt, step,
-                 lambda state, model: export_diffusers(model, out), desc=f"unet-{size}")
+                 lambda state, model: (export_diffusers(model, out), write_card(size, out, run_dir)),
+                 desc=f"unet-{size}")

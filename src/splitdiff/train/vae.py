@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from ..world import render, sample_scene, to_array
+from .card import write_card
 from .loop import LoopConfig, run_training, set_cosine_lr
 
 VAE_CONFIG = dict(
@@ -98,6 +99,7 @@ def train_vae(run_dir: Path, out: Path, steps: int = 4000, batch_size: int = 16,
     def export(state, model):
         model.eval()
         export_diffusers(model, out, scaling_factor=latent_scaling_factor(model))
+        write_card("vae", out, run_dir)
 
     run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250), vae, opt, step,
                  export, desc="vae")
