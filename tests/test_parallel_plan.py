@@ -1,0 +1,118 @@
+"""Step plans whose segments run patch-parallel: `generate --parallel`, on gloo with 2 local ranks.
+
+The CLI runs in this process through `main()` (real exit codes, real files), so the
+two forked ranks are the only processes beside pytest; tiny random models throughout.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from splitdiff.cli import main
+from splitdiff.core.plan import parse_plan
+from splitdiff.core.runner import advance
+from splitdiff.core.trajectory import Trajectory
+from splitdiff.hybrid.pipeline import load_pipeline
+from splitdiff.parallel import advance_parallel
+
+PROMPT = "a large red circle at the top left and a small blue star at the bottom right, on a navy background"
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models_dir):
+    d = tiny_models_dir
+    return ["--model", f"cloud={d / 'big'}", "--model", f"edge={d / 'small'}", "--vae", str(d / "vae")]
+
+
+@pytest.fixture
+def generate(monkeypatch, capfd, models):
+    """Run `splitdiff generate PROMPT *args` here: (exit code, stdout, stderr)."""
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["splitdiff", "generate", PROMPT, *map(str, args), *models])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capfd.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_a_parallel_segment_continues_the_trajectory_exactly(tiny_models_dir):
+    d = tiny_models_dir
+    pipe = load_pipeline({"cloud": str(d / "big"), "edge": str(d / "small")}, str(d / "vae"))
+    here = pipe.start(PROMPT, steps=6, size=64)  # DPM-Solver++: its multistep history must survive the trip
+    there = Trajectory.from_bytes(advance_parallel(str(d / "big"), here.to_bytes(), 3, "cloud", "sync", 2))
+    advance(pipe.unets["cloud"], [here], 3, "cloud")
+    assert (there.step_index, [(s.model, s.where) for s in there.provenance]) == (3, [("cloud", "sync x2")])
+    assert (there.latents - here.latents).abs().max() <= 1e-4
+    for traj in (here, there):
+        pipe.run(traj, parse_plan("edge:3"))
+    assert (there.latents - here.latents).abs().max() <= 1e-4
+
+
+def test_sync_gives_the_plain_image(tmp_path, generate):
+    plain, patched = tmp_path / "plain.png", tmp_path / "sync.png"
+    code, _, err = generate("--plan", "cloud:3,edge:3", "--steps", 6, "--out", plain)
+    assert code == 0, err
+    code, out, err = generate("--plan", "cloud:3,edge:3", "--steps", 6, "--out", patched,
+                              "--parallel", "sync", "--ranks", 2)  # fmt: skip
+    assert code == 0, err
+    assert "sync x2" in out and "local" in out  # the cost table: cloud on the ranks, edge here
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (plain, patched))
+    assert np.abs(a - b).max() <= 2
+
+
+def test_saved_state_after_a_parallel_segment_matches(tmp_path, generate):
+    plain, patched = tmp_path / "plain.safetensors", tmp_path / "sync.safetensors"
+    assert generate("--plan", "cloud:3,edge:3", "--steps", 6, "--save-state", plain)[0] == 0
+    code, _, err = generate("--plan", "cloud:3,edge:3", "--steps", 6, "--save-state", patched, "--parallel", "sync")
+    assert code == 0, err
+    a, b = (Trajectory.from_bytes(p.read_bytes()) for p in (plain, patched))
+    assert b.step_index == 3 and b.provenance[0].where == "sync x2"
+    assert (a.latents - b.latents).abs().max() <= 1e-4
+
+
+def test_pcpp_past_warm_up_writes_an_image(tmp_path, generate):
+    out = tmp_path / "pcpp.png"
+    code, stdout, err = generate("--plan", "cloud:6,edge:2", "--steps", 8, "--out", out, "--parallel", "pcpp",
+                                 "--ranks", 2, "--parallel-models", "cloud")  # fmt: skip
+    assert code == 0, err
+    assert Image.open(out).size == (64, 64)
+    assert "pcpp x2" in stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--parallel", "sync", "--ranks", 0], "at least 1, not 0"),
+    (["--parallel", "ring"], "unknown parallel mode 'ring'"),
+    (["--parallel", "sync", "--ranks", 3, "--size", 16], "3 patches need one row each"),
+    (["--ranks", 2], "go with --parallel"),
+    (["--parallel", "sync", "--parallel-models", "nosuch"], "nosuch, not a model of the plan"),
+])  # fmt: skip
+def test_bad_parallel_input_is_one_line_and_writes_nothing(tmp_path, generate, args, words):
+    code, _, err = generate("--plan", "cloud:3,edge:3", "--steps", 6, "--out", tmp_path / "x.png", *args)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("splitdiff: error:") and words in last, err
+    assert "Traceback" not in err and err.count("error") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failing_rank_is_one_line_and_exit_code_1(tmp_path, generate, monkeypatch):
+    import os
+
+    from splitdiff.parallel import segment
+
+    def dies(**_):
+        os._exit(3)
+
+    monkeypatch.setattr(segment, "_advance_rank", dies)
+    code, _, err = generate("--plan", "cloud:3,edge:3", "--steps", 6, "--out", tmp_path / "x.png", "--parallel", "sync")
+    assert code == 1 and "patch-parallel ranks failed: ranks 0, 1 exited with code 3" in err, err
+    assert not list(tmp_path.iterdir())
