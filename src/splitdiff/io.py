@@ -11,6 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temporary file ordinary permissions (mkstemp makes it 0600), then rename it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers see all or nothing."""
     path = Path(path)
@@ -19,7 +27,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -43,7 +51,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
                   metadata={"json": json.dumps(meta or {})})
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
