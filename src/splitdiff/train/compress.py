@@ -19,7 +19,7 @@ from diffusers import UNet2DConditionModel
 from ..core.registry import load_unet
 from ..text import CONTEXT_DIM
 from .card import write_card
-from .loop import LoopConfig, run_training, set_cosine_lr
+from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 from .prune import inherit, significance
 from .unet import DenoisingData, load_caches
 
@@ -82,11 +82,7 @@ def compress(run_dir: Path, out: Path, teacher: str = "cloud", steps: int = 4000
                          if s_feats.feats[k].shape == t_feats.feats[k].shape)
         loss = (KD_WEIGHTS["denoise"] * denoise + KD_WEIGHTS["output"] * output_kd
                 + KD_WEIGHTS["feature"] * feature_kd)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(edge.parameters(), 1.0)
-        opt.step()
-        return loss.item()
+        return optimize(opt, loss, clip=1.0)
 
     run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=200, ema_decay=0.999), edge, opt, step,
                  lambda state, model: (export_diffusers(model, out), write_card("edge", out, run_dir)),

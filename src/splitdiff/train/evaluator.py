@@ -13,7 +13,7 @@ from ..eval.metrics import WEIGHTS
 from ..eval.recognizer import INPUT_SIZE, Recognizer, recognition_loss, scene_targets
 from ..io import save_tensors
 from ..world import render, sample_scene, to_array
-from .loop import LoopConfig, run_training, set_cosine_lr
+from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 
 
 def _batch(rng: random.Random, batch_size: int):
@@ -37,10 +37,7 @@ def train_evaluator(run_dir: Path, steps: int = 4000, batch_size: int = 64, lr: 
         x = augment(x, g, strength=float(rng.random() < 0.8))
         set_cosine_lr(opt, i, steps, lr)
         loss = recognition_loss(model(x), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return optimize(opt, loss)
 
     def export(state, m):
         save_tensors(out, {k: v.half() for k, v in m.state_dict().items()},

@@ -140,3 +140,14 @@ def set_cosine_lr(optimizer: torch.optim.Optimizer, step: int, total: int, base_
         lr = base_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def optimize(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float | None = None) -> float:
+    """One optimizer step on `loss` (gradients clipped to norm `clip` when given); the loss as a float."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    return loss.item()

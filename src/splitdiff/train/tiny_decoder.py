@@ -16,7 +16,7 @@ from diffusers import AutoencoderTiny
 
 from ..core.registry import load_vae
 from .card import write_card
-from .loop import LoopConfig, run_training, set_cosine_lr
+from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 from .vae import export_diffusers, render_batch
 
 TINY_CONFIG = dict(
@@ -43,10 +43,7 @@ def train_tiny_decoder(run_dir: Path, out: Path, teacher: str = "vae", steps: in
         set_cosine_lr(opt, i, steps, lr)
         pred = tiny.decode(z).sample
         loss = F.l1_loss(pred, target) + F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return optimize(opt, loss)
 
     run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250, ema_decay=0.999), tiny, opt, step,
                  lambda state, model: (export_diffusers(model, out), write_card("tiny-decoder", out, run_dir)),

@@ -22,7 +22,7 @@ from ..core.schedulers import SD_NOISE_SCHEDULE
 from ..text import CONTEXT_DIM, default_encoder
 from .card import write_card
 from .latent_cache import load_or_build
-from .loop import LoopConfig, run_training, set_cosine_lr
+from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 
 UNET_CONFIGS = {
     "cloud": dict(block_out_channels=(32, 64, 128), layers_per_block=2),
@@ -98,11 +98,7 @@ def train_unet(run_dir: Path, out: Path, size: str = "cloud", steps: int = 8000,
         set_cosine_lr(opt, i, steps, lr, warmup=300)
         pred = unet(xt, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
         loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * data.min_snr_weights(t)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        return loss.item()
+        return optimize(opt, loss, clip=1.0)
 
     run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=200, ema_decay=0.999), unet, opt, step,
                  lambda state, model: (export_diffusers(model, out), write_card(size, out, run_dir)),

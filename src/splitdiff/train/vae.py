@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL
 
 from ..world import render, sample_scene, to_array
 from .card import write_card
-from .loop import LoopConfig, run_training, set_cosine_lr
+from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4,
@@ -90,11 +90,7 @@ def train_vae(run_dir: Path, out: Path, steps: int = 4000, batch_size: int = 16,
         w = foreground_weights(x)
         err = (rec - x).abs()
         loss = (w * (err + err ** 2)).mean() / w.mean() + kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        return loss.item()
+        return optimize(opt, loss, clip=1.0)
 
     def export(state, model):
         model.eval()
