@@ -34,3 +34,20 @@ def test_edge_is_pruned_from_cloud_and_inherits_significant_units():
         cloud(x, t, ctx)
         edge(x, t, ctx)
     assert set(sf.feats) == {1, 2} and all(sf.feats[k].shape == tf.feats[k].shape for k in sf.feats)
+
+
+def test_compress_command_distils_a_loadable_edge_unet(tmp_path):
+    """The whole `compress` path on a tiny teacher: pruning report, checkpoint, exported model and card."""
+    from splitdiff.core.registry import load_unet
+    from splitdiff.core.tiny import tiny_vae
+    from splitdiff.train.compress import compress
+
+    torch.manual_seed(0)
+    unet_from_config((16, 32, 64), 2).save_pretrained(tmp_path / "teacher")
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    out = tmp_path / "edge"
+    compress(tmp_path / "run", out, teacher=str(tmp_path / "teacher"), steps=3, batch_size=4,
+             vae=str(tmp_path / "vae"), cache_dir=tmp_path / "cache", n64=16, n128=8)
+    edge = load_unet(str(out))
+    assert edge.config.block_out_channels == [16, 32] and edge.config.mid_block_type is None
+    assert (tmp_path / "run" / "pruning.json").exists() and "steps: 3" in (out / "README.md").read_text()

@@ -27,7 +27,7 @@ STEPS = 25
 CLOUD_STEPS = (25, 20, 15, 10, 5, 0)
 
 
-def hybrid_plans(total: int = STEPS, cloud_steps=CLOUD_STEPS):
+def hybrid_plans(total: int, cloud_steps: tuple[int, ...]):
     plans = []
     for c in cloud_steps:
         segs = ([PlanSegment("cloud", c)] if c else []) + ([PlanSegment("edge", total - c)] if total - c else [])
@@ -37,7 +37,8 @@ def hybrid_plans(total: int = STEPS, cloud_steps=CLOUD_STEPS):
 
 def bench_hybrid(out_dir: Path, n_prompts: int = 500, size: int = 64, guidance: float = 5.0, batch_size: int = 50,
                  cloud: str = "cloud", edge: str = "edge", vae: str = "vae", tiny: str = "tiny-decoder",
-                 seed: int = 0, grid_prompts: int = 6) -> list[dict]:
+                 seed: int = 0, grid_prompts: int = 6, steps: int = STEPS,
+                 cloud_steps: tuple[int, ...] = CLOUD_STEPS) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline({"cloud": cloud, "edge": edge}, vae)
     decoders = {"full": pipe.vae, "tiny": load_vae(tiny)}
@@ -45,18 +46,18 @@ def bench_hybrid(out_dir: Path, n_prompts: int = 500, size: int = 64, guidance: 
     prompts = prompt_set(n_prompts)
     reference = reference_renders(prompts, size, seed=10_000)
     rows, grid = [], []
-    for plan in hybrid_plans():
+    for plan in hybrid_plans(steps, cloud_steps):
         start = time.perf_counter()
-        res = run_many(pipe, prompts, plan, steps=STEPS, guidance_scale=guidance, size=size,
+        res = run_many(pipe, prompts, plan, steps=steps, guidance_scale=guidance, size=size,
                        batch_size=batch_size, seed=seed)
         denoise_wall = time.perf_counter() - start
-        cloud_steps = sum(s.steps for s in plan if s.model == "cloud")
+        on_cloud = sum(s.steps for s in plan if s.model == "cloud")
         for dec_name, dec in decoders.items():
             images, dec_s = decode_many(dec, res.latents)
             _, adh = evaluator.adherence(images, prompts)
             row = {
                 "plan": ",".join(f"{s.model}:{s.steps}" for s in plan), "decoder": dec_name,
-                "cloud_steps": cloud_steps, "cloud_share": cloud_steps / STEPS, "adherence": adh,
+                "cloud_steps": on_cloud, "cloud_share": on_cloud / steps, "adherence": adh,
                 "fsd": evaluator.fsd(images, reference),
                 "cloud_unet_s": res.unet_seconds.get("cloud", 0.0) / n_prompts,
                 "edge_unet_s": res.unet_seconds.get("edge", 0.0) / n_prompts,

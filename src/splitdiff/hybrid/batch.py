@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.plan import Plan
+from ..core.plan import Plan, check_plan
 from ..core.runner import advance, decode
 from ..core.trajectory import Trajectory, new_trajectory
 from .pipeline import HybridPipeline, latent_factor
@@ -35,6 +35,7 @@ def run_many(pipe: HybridPipeline, prompts: list[str], plan: Plan, *, steps: int
              scheduler: str = "dpmsolver++", guidance_scale: float = 5.0, size: int = 64, batch_size: int = 32,
              seed: int = 0) -> BatchResult:
     """Run every prompt (seed = seed + index) through `plan`, `batch_size` trajectories per U-Net call."""
+    check_plan(plan, steps)
     result, latents = BatchResult(torch.empty(0)), []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]

@@ -42,7 +42,7 @@ def unet_from_config(block_out_channels, layers_per_block) -> UNet2DConditionMod
 
 
 def noise_schedule() -> DDPMScheduler:
-    return DDPMScheduler(**{k: v for k, v in SD_NOISE_SCHEDULE.items() if k != "timestep_spacing"})
+    return DDPMScheduler.from_config(SD_NOISE_SCHEDULE)
 
 
 class DenoisingData:

@@ -1,0 +1,17 @@
+"""The benchmarks run end to end and write their CSV and plots (tiny models, tiny sizes)."""
+
+import csv
+
+
+def test_bench_hybrid_writes_table_plot_and_grid(tmp_path, tiny_models_dir):
+    from splitdiff.bench.hybrid import bench_hybrid
+
+    d = tiny_models_dir
+    rows = bench_hybrid(tmp_path, n_prompts=6, batch_size=3, cloud=str(d / "big"), edge=str(d / "small"),
+                        vae=str(d / "vae"), tiny=str(d / "taesd"), grid_prompts=2, steps=3, cloud_steps=(3, 1, 0))
+    assert [r["plan"] for r in rows if r["decoder"] == "full"] == ["cloud:3", "cloud:1,edge:2", "edge:3"]
+    assert rows[0]["edge_unet_s"] == 0 and rows[-1]["cloud_unet_s"] == 0 and rows[2]["edge_unet_s"] > 0
+    assert all(0 <= r["adherence"] <= 1 for r in rows)
+    with open(tmp_path / "hybrid.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert (tmp_path / "hybrid.png").stat().st_size > 0 and (tmp_path / "hybrid_grid.png").stat().st_size > 0
