@@ -22,6 +22,8 @@ def validate(n: int = 512, seed: int = 2024) -> dict[str, float]:
         "adherence_renders_64": ev.adherence(r64, prompts)[1],
         "adherence_renders_128": ev.adherence(r128, prompts)[1],
         "adherence_noise": ev.adherence(noise, prompts)[1],
+        # chance: renders scored against other prompts, under the same object matching
+        "adherence_chance": ev.adherence(r64, prompts[1:] + prompts[:1])[1],
         "fsd_render_sets": ev.fsd(other, r64),
         "fsd_noise_vs_renders": ev.fsd(noise, r64),
     }
