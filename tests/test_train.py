@@ -23,3 +23,15 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(tmp_path):
     train_evaluator(tmp_path, steps=100, batch_size=4, max_minutes=0.0, out=tmp_path / "w.safetensors")
     _, meta = load_tensors(tmp_path / "checkpoint.safetensors")
     assert meta["step"] == 0 and (tmp_path / "w.safetensors").exists()
+
+
+def test_a_lost_checkpoint_warm_starts_from_the_exported_weights(tmp_path):
+    from splitdiff.train.vae import train_vae
+
+    out = tmp_path / "vae"
+    train_vae(tmp_path / "run", out, steps=2, batch_size=2)
+    assert (out / "training.json").exists() and "steps: 2" in (out / "README.md").read_text()
+    (tmp_path / "run" / "checkpoint.safetensors").unlink()
+    train_vae(tmp_path / "run", out, steps=3, batch_size=2)
+    assert "warm start from" in (tmp_path / "run" / "train.log").read_text()
+    assert load_tensors(tmp_path / "run" / "checkpoint.safetensors")[1]["step"] == 3

@@ -19,6 +19,7 @@ from diffusers import UNet2DConditionModel
 from ..core.registry import load_unet
 from ..text import CONTEXT_DIM
 from .card import write_card
+from .export import export_diffusers
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 from .prune import inherit, significance
 from .unet import DenoisingData, load_caches
@@ -49,8 +50,6 @@ class UpBlockFeatures:
 def compress(run_dir: Path, out: Path, teacher: str = "cloud", steps: int = 4000, batch_size: int = 32,
              lr: float = 5e-4, max_minutes: float | None = None, vae: str = "vae", cache_dir: Path | None = None,
              n64: int = 30000, n128: int = 8000, seed: int = 0) -> None:
-    from .vae import export_diffusers
-
     torch.manual_seed(seed)
     cloud = load_unet(teacher)
     cloud.requires_grad_(False)
@@ -84,6 +83,7 @@ def compress(run_dir: Path, out: Path, teacher: str = "cloud", steps: int = 4000
                 + KD_WEIGHTS["feature"] * feature_kd)
         return optimize(opt, loss, clip=1.0)
 
-    run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=200, ema_decay=0.999), edge, opt, step,
-                 lambda state, model: (export_diffusers(model, out), write_card("edge", out, run_dir)),
+    cfg = LoopConfig(run_dir, steps, max_minutes, checkpoint_every=200, ema_decay=0.999, warm_start=out)
+    run_training(cfg, edge, opt, step,
+                 lambda state, model: (export_diffusers(model, out, state), write_card("edge", out, run_dir)),
                  desc="compress")

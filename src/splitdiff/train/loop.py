@@ -30,6 +30,7 @@ class LoopConfig:
     checkpoint_every: int = 200
     ema_decay: float | None = None
     log_every: int = 20
+    warm_start: Path | None = None  # an exported folder to go on from when the checkpoint is lost
 
 
 @dataclass
@@ -81,6 +82,15 @@ def run_training(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.optim
     if ckpt.exists():
         state.step, state.extra = load_checkpoint(ckpt, model, optimizer, ema)
         log.info("resumed at step %d", state.step)
+    elif cfg.warm_start is not None:
+        from .export import warm_start
+
+        record = warm_start(cfg.warm_start, *[m for m in (model, ema) if m is not None])
+        if record:
+            state.step = int(record.pop("steps"))
+            state.extra = record
+            log.info("no checkpoint: warm start from %s at step %d (fresh optimizer state)", cfg.warm_start,
+                     state.step)
     stop = {"why": None}
 
     def _on_signal(signum, _frame):

@@ -17,7 +17,8 @@ from diffusers import AutoencoderTiny
 from ..core.registry import load_vae
 from .card import write_card
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
-from .vae import export_diffusers, render_batch
+from .export import export_diffusers
+from .vae import render_batch
 
 TINY_CONFIG = dict(
     encoder_block_out_channels=(8, 8, 8), num_encoder_blocks=(1, 1, 1),
@@ -45,6 +46,7 @@ def train_tiny_decoder(run_dir: Path, out: Path, teacher: str = "vae", steps: in
         loss = F.l1_loss(pred, target) + F.mse_loss(pred, target)
         return optimize(opt, loss)
 
-    run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250, ema_decay=0.999), tiny, opt, step,
-                 lambda state, model: (export_diffusers(model, out), write_card("tiny-decoder", out, run_dir)),
+    cfg = LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250, ema_decay=0.999, warm_start=out)
+    run_training(cfg, tiny, opt, step,
+                 lambda state, model: (export_diffusers(model, out, state), write_card("tiny-decoder", out, run_dir)),
                  desc="tiny-decoder")

@@ -21,6 +21,7 @@ from ..core.registry import load_vae
 from ..core.schedulers import SD_NOISE_SCHEDULE
 from ..text import CONTEXT_DIM, default_encoder
 from .card import write_card
+from .export import export_diffusers
 from .latent_cache import load_or_build
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 
@@ -84,8 +85,6 @@ def load_caches(cache_dir: Path, vae_source: str, n64: int, n128: int) -> dict[i
 def train_unet(run_dir: Path, out: Path, size: str = "cloud", steps: int = 8000, batch_size: int = 32,
                lr: float = 4e-4, max_minutes: float | None = None, vae: str = "vae", cache_dir: Path | None = None,
                n64: int = 30000, n128: int = 8000, seed: int = 0) -> None:
-    from .vae import export_diffusers
-
     torch.manual_seed(seed)
     unet = unet_from_config(**UNET_CONFIGS[size])
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
@@ -100,6 +99,7 @@ def train_unet(run_dir: Path, out: Path, size: str = "cloud", steps: int = 8000,
         loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * data.min_snr_weights(t)).mean()
         return optimize(opt, loss, clip=1.0)
 
-    run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=200, ema_decay=0.999), unet, opt, step,
-                 lambda state, model: (export_diffusers(model, out), write_card(size, out, run_dir)),
+    cfg = LoopConfig(run_dir, steps, max_minutes, checkpoint_every=200, ema_decay=0.999, warm_start=out)
+    run_training(cfg, unet, opt, step,
+                 lambda state, model: (export_diffusers(model, out, state), write_card(size, out, run_dir)),
                  desc=f"unet-{size}")

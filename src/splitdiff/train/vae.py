@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL
 
 from ..world import render, sample_scene, to_array
 from .card import write_card
+from .export import export_diffusers
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 
 VAE_CONFIG = dict(
@@ -45,21 +46,6 @@ def latent_scaling_factor(vae: AutoencoderKL, n: int = 256, seed: int = 4242) ->
     x = render_batch(random.Random(seed), n)
     z = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mean for i in range(0, n, 64)])
     return float(1.0 / z.std())
-
-
-def export_diffusers(model: torch.nn.Module, out: Path, **config_updates) -> None:
-    """save_pretrained in fp16 safetensors, written to a temporary folder then renamed."""
-    import copy
-    import shutil
-
-    m = copy.deepcopy(model).half()
-    if config_updates:
-        m.register_to_config(**config_updates)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    m.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 def foreground_weights(x: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
@@ -94,8 +80,8 @@ def train_vae(run_dir: Path, out: Path, steps: int = 4000, batch_size: int = 16,
 
     def export(state, model):
         model.eval()
-        export_diffusers(model, out, scaling_factor=latent_scaling_factor(model))
+        export_diffusers(model, out, state, scaling_factor=latent_scaling_factor(model))
         write_card("vae", out, run_dir)
 
-    run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250), vae, opt, step,
+    run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250, warm_start=out), vae, opt, step,
                  export, desc="vae")
