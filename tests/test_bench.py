@@ -15,3 +15,14 @@ def test_bench_hybrid_writes_table_plot_and_grid(tmp_path, tiny_models_dir):
     with open(tmp_path / "hybrid.csv") as f:
         assert len(list(csv.DictReader(f))) == 6
     assert (tmp_path / "hybrid.png").stat().st_size > 0 and (tmp_path / "hybrid_grid.png").stat().st_size > 0
+
+
+def test_bench_family_compares_sizes_speeds_and_decoders(tmp_path, tiny_models_dir):
+    from splitdiff.bench.family import bench_family
+
+    d = tiny_models_dir
+    rows = bench_family(tmp_path, repeats=1, cloud=str(d / "big"), edge=str(d / "small"), vae=str(d / "vae"),
+                        tiny=str(d / "taesd"))
+    assert len(rows) == 5 and all(r["speedup"] > 0 for r in rows)
+    assert rows[0]["param_ratio"] < 1 and isinstance(rows[-1]["psnr_db"], float)
+    assert (tmp_path / "family.csv").exists()

@@ -41,12 +41,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / mse) if mse > 0 else math.inf
 
 
-def bench_family(out_dir: Path, repeats: int = 10, threads: int | None = None) -> list[dict]:
+def bench_family(out_dir: Path, repeats: int = 10, threads: int | None = None, cloud: str = "cloud",
+                 edge: str = "edge", vae: str = "vae", tiny: str = "tiny-decoder") -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    cloud, edge = load_unet("cloud"), load_unet("edge")
+    cloud, edge = load_unet(cloud), load_unet(edge)
     emb, mask = default_encoder()(["a large red circle at the top left, on a navy background"])
     for batch, side in ((1, 16), (8, 16), (1, 32)):
         x = torch.randn(2 * batch, 4, side, side)
@@ -58,7 +59,7 @@ def bench_family(out_dir: Path, repeats: int = 10, threads: int | None = None) -
                      "small": "edge", "large_params": _params(cloud), "small_params": _params(edge),
                      "param_ratio": _params(edge) / _params(cloud), "large_s": secs["cloud"],
                      "small_s": secs["edge"], "speedup": secs["cloud"] / secs["edge"], "psnr_db": ""})
-    vae, tiny = load_vae("vae"), load_vae("tiny-decoder")
+    vae, tiny = load_vae(vae), load_vae(tiny)
     images = render_batch(random.Random(7), 64)
     z = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
     full_img, tiny_img = decode(vae, z), decode(tiny, z)
