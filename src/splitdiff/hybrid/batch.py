@@ -9,26 +9,13 @@ import torch
 
 from ..core.plan import Plan, check_plan
 from ..core.runner import advance, decode
-from ..core.trajectory import Trajectory, new_trajectory
-from .pipeline import HybridPipeline, latent_factor
+from .pipeline import HybridPipeline
 
 
 @dataclass
 class BatchResult:
     latents: torch.Tensor
     unet_seconds: dict[str, float] = field(default_factory=dict)  # per model, summed over batches
-
-
-def start_many(pipe: HybridPipeline, prompts: list[str], seeds: list[int], *, steps: int, scheduler: str,
-               guidance_scale: float, size: int) -> list[Trajectory]:
-    f = latent_factor(pipe.vae)
-    channels = next(iter(pipe.unets.values())).config.in_channels
-    emb, mask = pipe.encoder(list(prompts) + [""])
-    return [new_trajectory(emb[i], emb[-1], latent_shape=(channels, size // f, size // f), scheduler=scheduler,
-                           steps=steps, seed=seed, guidance_scale=guidance_scale,
-                           prompt_mask=None if mask is None else mask[i],
-                           negative_mask=None if mask is None else mask[-1], noise_schedule=pipe.noise_schedule,
-                           prompt=p) for i, (p, seed) in enumerate(zip(prompts, seeds))]
 
 
 def run_many(pipe: HybridPipeline, prompts: list[str], plan: Plan, *, steps: int = 25,
@@ -39,8 +26,8 @@ def run_many(pipe: HybridPipeline, prompts: list[str], plan: Plan, *, steps: int
     result, latents = BatchResult(torch.empty(0)), []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        trajs = start_many(pipe, chunk, [seed + i + k for k in range(len(chunk))], steps=steps,
-                           scheduler=scheduler, guidance_scale=guidance_scale, size=size)
+        trajs = pipe.start_many(chunk, [seed + i + k for k in range(len(chunk))], steps=steps,
+                                scheduler=scheduler, guidance_scale=guidance_scale, size=size)
         for seg in plan:
             seconds = advance(pipe.unets[seg.model], trajs, seg.steps, seg.model)
             result.unet_seconds[seg.model] = result.unet_seconds.get(seg.model, 0.0) + seconds

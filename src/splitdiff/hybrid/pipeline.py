@@ -56,21 +56,25 @@ class HybridPipeline:
     def __post_init__(self):
         check_compatible(self.unets, self.vae, self.context_dim)
 
-    def start(self, prompt: str, *, negative_prompt: str = "", steps: int = 25, scheduler: str = "dpmsolver++",
-              seed: int = 0, guidance_scale: float = 5.0, size: int = 64) -> Trajectory:
+    def start(self, prompt: str, *, negative_prompt: str = "", seed: int = 0, **options) -> Trajectory:
         """Encode the prompt and draw the seeded noise: a trajectory at step 0."""
+        return self.start_many([prompt], [seed], negative_prompt=negative_prompt, **options)[0]
+
+    def start_many(self, prompts: list[str], seeds: list[int], *, negative_prompt: str = "", steps: int = 25,
+                   scheduler: str = "dpmsolver++", guidance_scale: float = 5.0, size: int = 64) -> list[Trajectory]:
+        """One trajectory at step 0 per (prompt, seed), sharing one negative prompt; one encoder call."""
         f = latent_factor(self.vae)
         if size % f:
             raise UserError(f"size {size} is not a multiple of the VAE's factor {f}")
         channels = next(iter(self.unets.values())).config.in_channels
         start = time.perf_counter()
-        emb, mask = self.encoder([prompt, negative_prompt])
+        emb, mask = self.encoder(list(prompts) + [negative_prompt])
         self.timings["encode"] = time.perf_counter() - start
-        return new_trajectory(
-            emb[0], emb[1], latent_shape=(channels, size // f, size // f), scheduler=scheduler, steps=steps,
-            seed=seed, guidance_scale=guidance_scale, prompt_mask=None if mask is None else mask[0],
-            negative_mask=None if mask is None else mask[1], noise_schedule=self.noise_schedule,
-            prompt=prompt, negative_prompt=negative_prompt)
+        return [new_trajectory(
+            emb[i], emb[-1], latent_shape=(channels, size // f, size // f), scheduler=scheduler, steps=steps,
+            seed=seed, guidance_scale=guidance_scale, prompt_mask=None if mask is None else mask[i],
+            negative_mask=None if mask is None else mask[-1], noise_schedule=self.noise_schedule,
+            prompt=p, negative_prompt=negative_prompt) for i, (p, seed) in enumerate(zip(prompts, seeds))]
 
     def run(self, traj: Trajectory, plan: Plan, on_step: Callable[[str, int], None] | None = None) -> None:
         """Run the plan's segments in order, each with its own U-Net, on one trajectory."""
