@@ -40,11 +40,14 @@ def test_too_many_ranks_is_one_clear_line(tmp_path):
 
 
 def test_bench_writes_csv_and_plot(tmp_path):
-    rows = bench_parallel(None, 16, ranks=(1, 2), modes=("sync", "pcpp"), out_dir=tmp_path, steps=5)
+    rows = bench_parallel(None, 16, ranks=(1, 2), modes=("sync", "pcpp"), out_dir=tmp_path, steps=5, vae="tiny",
+                          prompts=2)  # fmt: skip
     by_mode = {row["mode"]: row for row in rows}
     assert set(by_mode) == {"single", "sync", "pcpp"}
     assert by_mode["sync"]["max_abs_latent"] <= 1e-4
+    assert all(0.0 <= row["adherence"] <= 1.0 for row in rows)
     assert by_mode["pcpp"]["attention_bytes_per_step"] < by_mode["sync"]["attention_bytes_per_step"]
     with (tmp_path / "parallel.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 3
     assert (tmp_path / "parallel.png").stat().st_size > 0
+    assert (tmp_path / "grid.png").stat().st_size > 0

@@ -94,14 +94,16 @@ def bench(
     ranks: str = typer.Option("1,2,4,8", help="Rank counts, comma-separated."),
     modes: str = typer.Option("sync,distrifusion,pcpp", help="Modes, comma-separated; MODE:async for async GroupNorm."),
     steps: int = typer.Option(20, min=1),
-    vae: Optional[str] = typer.Option(None, help="VAE: PSNR on decoded images, and an image grid."),
+    prompts: int = typer.Option(8, min=1, help="Prompts in the batch (the evaluation set's first ones)."),
+    vae: Optional[str] = typer.Option(None, help="VAE: PSNR and adherence on decoded images, and an image grid."),
     out_dir: Path = typer.Option(Path("bench/parallel"), help="Where the CSV and PNGs go."),
 ) -> None:
-    """Patch parallelism vs one device: PSNR, bytes per step by category, wall time."""
+    """Patch parallelism vs one device: PSNR, adherence, bytes per step by category, wall time."""
     from ..bench.parallel import bench_parallel
 
     counts = tuple(int(r) for r in ranks.split(",") if r.strip())
-    bench_parallel(unet, latent_size, counts, tuple(m.strip() for m in modes.split(",")), out_dir, steps=steps, vae=vae)
+    bench_parallel(unet, latent_size, counts, tuple(m.strip() for m in modes.split(",")), out_dir, steps=steps, vae=vae,
+                   prompts=prompts)
     typer.echo(f"wrote {out_dir / 'parallel.csv'} and {out_dir / 'parallel.png'}")
 
 

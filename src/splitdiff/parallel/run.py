@@ -22,7 +22,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 @dataclass
 class Job:
-    prompt: str
+    prompt: str | tuple[str, ...]  # several prompts: one batch, prompt i seeded with seed + i
     unet: str = "cloud"  # a registry name or diffusers folder; "tiny" for a random tiny U-Net
     size: int = 32  # latent side (the image's side divided by the VAE's factor)
     steps: int = 20
@@ -37,6 +37,9 @@ class Job:
     split_cfg: bool = False
     out: str | None = None  # rank 0 writes latents (.safetensors) or, with a VAE, an image here
     vae: str | None = None  # registry name or folder; "tiny" for a random tiny VAE
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 def load_unet(spec: str):
@@ -78,14 +81,18 @@ def run(job: Job) -> dict:
     if embeds.shape[-1] != unet.config.cross_attention_dim:
         raise UserError(f"the U-Net cross-attends to width {unet.config.cross_attention_dim}, "
                         f"but the text encoder gives {embeds.shape[-1]}")  # fmt: skip
-    traj = new_trajectory(
-        embeds[0], embeds[1], latent_shape=(unet.config.in_channels, job.size, job.size), scheduler=job.scheduler,
-        steps=job.steps, seed=job.seed, guidance_scale=job.guidance, prompt_mask=None if mask is None else mask[0],
-        negative_mask=None if mask is None else mask[1], noise_schedule=noise_schedule(job.unet), prompt=job.prompt,
-        negative_prompt=job.negative,
-    )  # fmt: skip
+    prompts = job.prompts()
+    trajs = [
+        new_trajectory(
+            embeds[i], embeds[-1], latent_shape=(unet.config.in_channels, job.size, job.size),
+            scheduler=job.scheduler, steps=job.steps, seed=job.seed + i, guidance_scale=job.guidance,
+            prompt_mask=None if mask is None else mask[i], negative_mask=None if mask is None else mask[-1],
+            noise_schedule=noise_schedule(job.unet), prompt=prompt, negative_prompt=job.negative,
+        )
+        for i, prompt in enumerate(prompts)
+    ]  # fmt: skip
     started = time.perf_counter()
-    advance(unet, [traj], job.steps, model_name=job.unet)
+    advance(unet, trajs, job.steps, model_name=job.unet)
     seconds = time.perf_counter() - started
     stats = []
     if handle is not None:
@@ -94,7 +101,7 @@ def run(job: Job) -> dict:
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0 and job.out:
-        write(job, traj.latents)
+        write(job, torch.cat([t.latents for t in trajs]))
     return {"rank": rank, "seconds": seconds, "stats": stats}
 
 
@@ -103,15 +110,16 @@ def encode(job: Job):
     calls this before forking its ranks spares each of them loading the text encoder."""
     from ..text import prompt_encoder_for
 
-    return prompt_encoder_for(job.unet)([job.prompt, job.negative])
+    return prompt_encoder_for(job.unet)([*job.prompts(), job.negative])
 
 
 def write(job: Job, latents: torch.Tensor) -> None:
+    """Latents of the whole batch, or the first prompt's image."""
     from ..io import atomic_save_image, save_tensors
 
     if Path(job.out).suffix.lower() in IMAGE_SUFFIXES:
         from ..core.runner import decode, to_pil
 
-        atomic_save_image(to_pil(decode(load_vae(job.vae), latents))[0], job.out)
+        atomic_save_image(to_pil(decode(load_vae(job.vae), latents[:1]))[0], job.out)
     else:
         save_tensors(job.out, {"latents": latents}, meta={"job": asdict(job)})
