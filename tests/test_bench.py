@@ -22,7 +22,10 @@ def test_bench_family_compares_sizes_speeds_and_decoders(tmp_path, tiny_models_d
 
     d = tiny_models_dir
     rows = bench_family(tmp_path, repeats=1, cloud=str(d / "big"), edge=str(d / "small"), vae=str(d / "vae"),
-                        tiny=str(d / "taesd"))
+                        tiny=str(d / "taesd"), ceiling_prompts=4)
     assert len(rows) == 5 and all(r["speedup"] > 0 for r in rows)
     assert rows[0]["param_ratio"] < 1 and isinstance(rows[-1]["psnr_db"], float)
     assert (tmp_path / "family.csv").exists()
+    with (tmp_path / "ceiling.csv").open() as f:
+        ceiling = {(r["size"], r["images"]): float(r["adherence"]) for r in csv.DictReader(f)}
+    assert len(ceiling) == 6 and ceiling[("64", "renders")] > 0.95  # the evaluator reads the world's renders

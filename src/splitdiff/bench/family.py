@@ -1,7 +1,9 @@
 """`splitdiff bench family`: the embedded models' size and speed, side by side in one run.
 
 Edge vs cloud U-Net (parameters, seconds per step), tiny vs full decoder (seconds per
-decode, PSNR of the tiny decoder's images against the full decoder's).
+decode, PSNR of the tiny decoder's images against the full decoder's), and the
+adherence ceiling the autoencoder sets: the evaluator's score on renders passed
+through the VAE (and decoded by each decoder). No U-Net can do better than that.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_family(out_dir: Path, repeats: int = 10, threads: int | None = None, cloud: str = "cloud",
-                 edge: str = "edge", vae: str = "vae", tiny: str = "tiny-decoder") -> list[dict]:
+                 edge: str = "edge", vae: str = "vae", tiny: str = "tiny-decoder",
+                 ceiling_prompts: int = 300) -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -72,12 +75,39 @@ def bench_family(out_dir: Path, repeats: int = 10, threads: int | None = None, c
                      "param_ratio": _params(tiny.decoder) / _params(vae.decoder), "large_s": secs["full"],
                      "small_s": secs["tiny"], "speedup": secs["full"] / secs["tiny"],
                      "psnr_db": psnr(tiny_img, full_img)})
-    with open(out_dir / "family.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _write_csv(out_dir / "family.csv", rows)
+    ceiling = adherence_ceiling(vae, tiny, ceiling_prompts)
+    _write_csv(out_dir / "ceiling.csv", ceiling)
+    for r in ceiling:
+        print(f"adherence ceiling, {r['size']} px, {r['images']:28s} {r['adherence']:.3f}")
     for r in rows:
         print(f"{r['what']:40s} params {r['param_ratio']:.3f}  {r['large_s'] * 1e3:8.2f} ms vs "
               f"{r['small_s'] * 1e3:7.2f} ms  speed-up {r['speedup']:.2f}x"
               + (f"  PSNR {r['psnr_db']:.1f} dB" if r["psnr_db"] != "" else ""))
     return rows
+
+
+@torch.no_grad()
+def adherence_ceiling(vae, tiny, n_prompts: int, sizes: tuple[int, ...] = (64, 128)) -> list[dict]:
+    """Adherence of the evaluation prompts' renders, raw and through the autoencoder."""
+    from ..eval import default_evaluator, reference_renders
+    from ..world import prompt_set
+
+    evaluator, prompts = default_evaluator(), prompt_set(n_prompts)
+    rows = []
+    for size in sizes:
+        renders = reference_renders(prompts, size, seed=10_000)
+        z = torch.cat([vae.encode(renders[i:i + 64]).latent_dist.mean for i in range(0, n_prompts, 64)])
+        z = z * vae.config.scaling_factor
+        for name, images in (("renders", renders), ("VAE round trip", decode(vae, z)),
+                             ("encoder + tiny decoder", decode(tiny, z))):
+            rows.append({"size": size, "images": name, "prompts": n_prompts,
+                         "adherence": evaluator.adherence(images, prompts)[1]})
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
