@@ -72,3 +72,21 @@ def test_bad_state_files_are_refused(tmp_path, models, content):
     r = run("resume", state, "--plan", "edge:5", "--out", tmp_path / "o.png", *models)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "unet", "--device", "tpu"], "unknown device 'tpu'"),
+    (["compress", "--device", "mps"], "unknown device 'mps'"),
+    (["bench", "hybrid", "--device", "gpu0"], "unknown device 'gpu0'"),
+])
+def test_bad_training_device_is_one_line_before_any_work(tmp_path, args, words):
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_asking_for_a_gpu_without_one_is_one_line(tmp_path):
+    r = run("train", "unet", "--device", "cuda", cwd=tmp_path)
+    assert r.returncode == 2 and "sees no GPU" in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.iterdir())

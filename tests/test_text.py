@@ -21,3 +21,14 @@ def test_encoder_loads_with_no_hub_access():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "(1, 48, 384)" in out.stdout
+
+
+def test_batched_encoding_equals_one_prompt_at_a_time():
+    """The bulk path the training caches use gives each prompt's own encoding."""
+    prompts = ["a small green star at the center, on a black background",
+               "a large red circle at the top left and a small blue ring at the bottom right, on a navy background", ""]
+    h, m = default_encoder().encode_batch(prompts)
+    for i, p in enumerate(prompts):
+        hi, mi = default_encoder()([p])
+        assert torch.equal(m[i], mi[0])
+        assert (h[i] - hi[0]).abs().max() < 1e-5

@@ -258,11 +258,40 @@ def train_tiny_decoder_cmd(
     train_tiny_decoder(run_dir, out or WEIGHTS_DIR / "tiny-decoder", steps=steps, max_minutes=max_minutes)
 
 
+def _check_device(device: str) -> None:
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise UserError(f"unknown device {device!r}; choose auto, cpu or cuda[:N]")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} asked for, but torch sees no GPU")
+
+
+def _data_options(device: str, batch_size: int, batch_size_128: Optional[int], quarters_128: int,
+                  n64: int, n128: int) -> dict:
+    """The U-Net trainers' shared options, checked."""
+    _check_device(device)
+    return dict(device=device, batch_size=batch_size, batch_size_128=batch_size_128, quarters_128=quarters_128,
+                n64=n64, n128=n128)
+
+
+# The U-Net trainers' shared options (typer takes one OptionInfo as the default of several commands).
+DEVICE = typer.Option("auto", help="auto (the GPU when there is one), cpu or cuda[:N]; bf16 autocast on a GPU.")
+BATCH_SIZE = typer.Option(32, min=1, help="Samples per 64 px step.")
+BATCH_SIZE_128 = typer.Option(None, min=1, help="Samples per 128 px step (default a quarter of --batch-size).")
+QUARTERS_128 = typer.Option(1, min=0, max=4, help="Steps in four that train at 128 px.")
+N64 = typer.Option(30000, min=64, help="Cached 64 px samples.")
+N128 = typer.Option(8000, min=0, help="Cached 128 px samples.")
+
+
 @train_app.command("unet")
 def train_unet_cmd(
     size: str = typer.Option("cloud", help="Which U-Net of the family (the edge one comes from `compress`)."),
     run_dir: Optional[Path] = typer.Option(None), steps: int = typer.Option(8000, min=1),
     max_minutes: Optional[float] = typer.Option(None), out: Optional[Path] = typer.Option(None),
+    device: str = DEVICE, lr: float = typer.Option(4e-4, min=0.0), batch_size: int = BATCH_SIZE,
+    batch_size_128: Optional[int] = BATCH_SIZE_128, quarters_128: int = QUARTERS_128, n64: int = N64, n128: int = N128,
 ):
     """The cloud U-Net on cached 64 px and 128 px latents."""
     from .core.registry import WEIGHTS_DIR
@@ -271,7 +300,8 @@ def train_unet_cmd(
     if size not in UNET_CONFIGS:
         raise UserError(f"unknown U-Net size {size!r}; choose one of {', '.join(UNET_CONFIGS)}")
     train_unet(run_dir or Path(f"runs/unet-{size}"), out or WEIGHTS_DIR / size, size=size, steps=steps,
-               max_minutes=max_minutes)
+               max_minutes=max_minutes, lr=lr,
+               **_data_options(device, batch_size, batch_size_128, quarters_128, n64, n128))
 
 
 @app.command()
@@ -279,23 +309,28 @@ def compress(
     teacher: str = typer.Option("cloud"), run_dir: Path = typer.Option(Path("runs/edge")),
     steps: int = typer.Option(4000, min=1), max_minutes: Optional[float] = typer.Option(None),
     out: Optional[Path] = typer.Option(None),
+    device: str = DEVICE, lr: float = typer.Option(5e-4, min=0.0), batch_size: int = BATCH_SIZE,
+    batch_size_128: Optional[int] = BATCH_SIZE_128, quarters_128: int = QUARTERS_128, n64: int = N64, n128: int = N128,
 ):
     """The edge U-Net: structurally pruned from the cloud one, then distilled."""
     from .core.registry import WEIGHTS_DIR
     from .train.compress import compress as run_compress
 
-    run_compress(run_dir, out or WEIGHTS_DIR / "edge", teacher=teacher, steps=steps, max_minutes=max_minutes)
+    run_compress(run_dir, out or WEIGHTS_DIR / "edge", teacher=teacher, steps=steps, max_minutes=max_minutes, lr=lr,
+                 **_data_options(device, batch_size, batch_size_128, quarters_128, n64, n128))
 
 
 @bench_app.command("hybrid")
 def bench_hybrid_cmd(
     out: Path = typer.Option(Path("docs/bench/hybrid")), prompts: int = typer.Option(500, min=10),
     size: int = typer.Option(64), guidance: float = typer.Option(5.0),
+    device: str = typer.Option("cpu", help="Where the U-Nets and decoders run: cpu or cuda[:N]."),
 ):
     """The Hybrid SD table: quality and cost for each cloud/edge split of 25 steps."""
     from .bench.hybrid import bench_hybrid
 
-    bench_hybrid(out, n_prompts=prompts, size=size, guidance=guidance)
+    _check_device(device)
+    bench_hybrid(out, n_prompts=prompts, size=size, guidance=guidance, device=device)
 
 
 @bench_app.command("serve")

@@ -26,7 +26,7 @@ def model_dir() -> Path:
 class TextEncoder:
     """prompts -> (B x MAX_LENGTH x 384 hidden states, B x MAX_LENGTH mask)."""
 
-    def __init__(self, max_length: int = MAX_LENGTH, cache_size: int = 4096):
+    def __init__(self, max_length: int = MAX_LENGTH, cache_size: int = 4096, device: str = "cpu"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
@@ -36,17 +36,26 @@ class TextEncoder:
 
         path = model_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
         self.max_length = max_length
         self._cached = lru_cache(maxsize=cache_size)(self._encode_one)
 
     @torch.no_grad()
-    def _encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One uncached forward pass for many prompts, returned on the CPU: training data in bulk.
+
+        Every prompt is padded to the same fixed length under its mask, so a row equals the
+        prompt encoded alone up to float rounding.
+        """
         tok = self.tokenizer(
-            [prompt], padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.model.device)
         out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
-        return out[0].float(), tok["attention_mask"][0].long()
+        return out.float().cpu(), tok["attention_mask"].long().cpu()
+
+    def _encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        h, m = self.encode_batch([prompt])
+        return h[0], m[0]
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [self._cached(p) for p in prompts]

@@ -3,7 +3,8 @@
 25 DPM-Solver++ steps split between the cloud and the edge U-Net, from cloud-only to
 edge-only, on a fixed prompt set (single- and multi-object); adherence, FSD against
 the world's own renders, and the U-Net seconds of each side; every row decoded with
-the full VAE and again with the tiny decoder.
+the full VAE and again with the tiny decoder. The U-Nets and decoders run on the CPU or
+a GPU (`device`); seconds are those of the device they ran on.
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ def hybrid_plans(total: int, cloud_steps: tuple[int, ...]):
 def bench_hybrid(out_dir: Path, n_prompts: int = 500, size: int = 64, guidance: float = 5.0, batch_size: int = 50,
                  cloud: str = "cloud", edge: str = "edge", vae: str = "vae", tiny: str = "tiny-decoder",
                  seed: int = 0, grid_prompts: int = 6, steps: int = STEPS,
-                 cloud_steps: tuple[int, ...] = CLOUD_STEPS) -> list[dict]:
+                 cloud_steps: tuple[int, ...] = CLOUD_STEPS, device: str = "cpu") -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline({"cloud": cloud, "edge": edge}, vae)
     decoders = {"full": pipe.vae, "tiny": load_vae(tiny)}
+    for model in [*pipe.unets.values(), *decoders.values()]:
+        model.to(device)  # the runner and the decoder follow their models; schedulers stay on the CPU
     evaluator = default_evaluator()
     prompts = prompt_set(n_prompts)
     reference = reference_renders(prompts, size, seed=10_000)

@@ -22,7 +22,7 @@ from .card import write_card
 from .export import export_diffusers
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 from .prune import inherit, significance
-from .unet import DenoisingData, load_caches
+from .unet import DenoisingData, autocast, load_caches, resolve_device
 
 KD_WEIGHTS = {"denoise": 1.0, "output": 1.0, "feature": 1.0}
 
@@ -49,12 +49,15 @@ class UpBlockFeatures:
 
 def compress(run_dir: Path, out: Path, teacher: str = "cloud", steps: int = 4000, batch_size: int = 32,
              lr: float = 5e-4, max_minutes: float | None = None, vae: str = "vae", cache_dir: Path | None = None,
-             n64: int = 30000, n128: int = 8000, seed: int = 0) -> None:
+             n64: int = 30000, n128: int = 8000, seed: int = 0, device: str = "auto",
+             batch_size_128: int | None = None, quarters_128: int = 1) -> None:
     torch.manual_seed(seed)
-    cloud = load_unet(teacher)
+    dev = resolve_device(device)
+    cloud = load_unet(teacher).to(dev)
     cloud.requires_grad_(False)
-    data = DenoisingData(load_caches(cache_dir or run_dir.parent / "latent-cache", vae, n64, n128), batch_size)
-    edge = edge_from_cloud(cloud)
+    caches = load_caches(cache_dir or run_dir.parent / "latent-cache", vae, n64, n128, dev)
+    data = DenoisingData(caches, batch_size, dev, batch_size_128, quarters_128)
+    edge = edge_from_cloud(cloud).to(dev)
     pruning = run_dir / "pruning.json"
     if not (run_dir / "checkpoint.safetensors").exists():
         xt, t, _, ctx, mask = data.batch(0, random.Random(seed), torch.Generator().manual_seed(seed))
@@ -70,14 +73,15 @@ def compress(run_dir: Path, out: Path, teacher: str = "cloud", steps: int = 4000
         rng = random.Random(seed * 1_000_003 + i)
         g = torch.Generator().manual_seed(seed * 7919 + i)
         xt, t, noise, ctx, mask = data.batch(i, rng, g)
-        with torch.no_grad():
-            target = cloud(xt, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
+        with torch.no_grad(), autocast(dev):
+            target = cloud(xt, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample.float()
         set_cosine_lr(opt, i, steps, lr, warmup=200)
-        pred = edge(xt, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
+        with autocast(dev):
+            pred = edge(xt, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample.float()
         w = data.min_snr_weights(t)
         denoise = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
         output_kd = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * w).mean()
-        feature_kd = sum(F.mse_loss(s_feats.feats[k], t_feats.feats[k]) for k in s_feats.feats
+        feature_kd = sum(F.mse_loss(s_feats.feats[k].float(), t_feats.feats[k].float()) for k in s_feats.feats
                          if s_feats.feats[k].shape == t_feats.feats[k].shape)
         loss = (KD_WEIGHTS["denoise"] * denoise + KD_WEIGHTS["output"] * output_kd
                 + KD_WEIGHTS["feature"] * feature_kd)

@@ -5,11 +5,16 @@ Stable Diffusion's noise schedule and epsilon prediction (the facts measured bef
 this model: SD's schedule beats the cosine one at 25 sampling steps), Min-SNR loss
 weighting, 10% prompt dropout for classifier-free guidance, and an EMA of weights.
 Three steps in four see 64 px images (16x16 latents), one in four 128 px (32x32),
-so the model is in distribution at both sizes.
+so the model is in distribution at both sizes (the share is an option).
+
+Every trainer runs on the CPU or, given `device="cuda"`, on a GPU with bf16 autocast
+over fp32 weights; the random draws of each step are made on the CPU from the step's
+own seed either way, so a run resumes bit-identically wherever it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -46,57 +51,91 @@ def noise_schedule() -> DDPMScheduler:
     return DDPMScheduler.from_config(SD_NOISE_SCHEDULE)
 
 
-class DenoisingData:
-    """Batches of (noisy latents, timesteps, noise, context, mask) from the two caches."""
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' is the GPU when there is one, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
 
-    def __init__(self, caches: dict[int, dict[str, torch.Tensor]], batch_size: int):
-        self.caches, self.batch_size = caches, batch_size
+
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU (weights and optimizer stay fp32); full fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class DenoisingData:
+    """Batches of (noisy latents, timesteps, noise, context, mask) from the two caches, on `device`.
+
+    Step i is a 128 px step when `i % 4 >= 4 - quarters_128` (default: one step in four), with
+    `batch_size_128` samples (default a quarter of `batch_size`: the same latent pixels).
+    """
+
+    def __init__(self, caches: dict[int, dict[str, torch.Tensor]], batch_size: int, device: str | torch.device = "cpu",
+                 batch_size_128: int | None = None, quarters_128: int = 1):
+        self.device = torch.device(device)
+        self.caches = {size: {k: v.to(self.device) for k, v in c.items()} for size, c in caches.items()}
+        self.batch_size = batch_size
+        self.batch_size_128 = batch_size_128 or max(1, batch_size // 4)
+        self.quarters_128 = quarters_128
         self.sched = noise_schedule()
+        self.alphas_cumprod = self.sched.alphas_cumprod.to(self.device)
         empty, empty_mask = default_encoder()([""])
-        self.empty, self.empty_mask = empty[0], empty_mask[0]
+        self.empty, self.empty_mask = empty[0].to(self.device), empty_mask[0].to(self.device)
 
     def batch(self, i: int, rng: random.Random, g: torch.Generator):
-        size = 128 if i % 4 == 3 and 128 in self.caches else 64
+        size = 128 if i % 4 >= 4 - self.quarters_128 and 128 in self.caches else 64
         cache = self.caches[size]
-        bs = self.batch_size if size == 64 else max(1, self.batch_size // 4)
-        idx = torch.tensor([rng.randrange(len(cache["latents"])) for _ in range(bs)])
+        bs = self.batch_size if size == 64 else self.batch_size_128
+        idx = torch.tensor([rng.randrange(len(cache["latents"])) for _ in range(bs)], device=self.device)
         x0 = cache["latents"][idx].float()
         ctx, mask = cache["embeds"][idx].float(), cache["masks"][idx].long()
-        drop = torch.rand(bs, generator=g) < PROMPT_DROPOUT
+        drop = (torch.rand(bs, generator=g) < PROMPT_DROPOUT).to(self.device)
         ctx[drop], mask[drop] = self.empty, self.empty_mask
         t = torch.randint(0, self.sched.config.num_train_timesteps, (bs,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        t = t.to(self.device)
         return self.sched.add_noise(x0, noise, t), t, noise, ctx, mask
 
     def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
-        ac = self.sched.alphas_cumprod[t]
+        ac = self.alphas_cumprod[t]
         snr = ac / (1 - ac)
         return snr.clamp(max=MIN_SNR_GAMMA) / snr
 
 
-def load_caches(cache_dir: Path, vae_source: str, n64: int, n128: int) -> dict[int, dict[str, torch.Tensor]]:
-    vae = load_vae(vae_source)
-    caches = {64: load_or_build(cache_dir / "cache64.safetensors", vae, n64, 64, seed=64)}
+def load_caches(cache_dir: Path, vae_source: str, n64: int, n128: int,
+                device: torch.device = torch.device("cpu")) -> dict[int, dict[str, torch.Tensor]]:
+    from ..text import TextEncoder
+
+    vae = load_vae(vae_source).to(device)
+    encoder = TextEncoder(device=device.type) if device.type != "cpu" else default_encoder()
+    caches = {64: load_or_build(cache_dir / "cache64.safetensors", vae, n64, 64, seed=64, encoder=encoder)}
     if n128:
-        caches[128] = load_or_build(cache_dir / "cache128.safetensors", vae, n128, 128, seed=128)
+        caches[128] = load_or_build(cache_dir / "cache128.safetensors", vae, n128, 128, seed=128, encoder=encoder)
+    vae.to("cpu")
     return caches
 
 
 def train_unet(run_dir: Path, out: Path, size: str = "cloud", steps: int = 8000, batch_size: int = 32,
                lr: float = 4e-4, max_minutes: float | None = None, vae: str = "vae", cache_dir: Path | None = None,
-               n64: int = 30000, n128: int = 8000, seed: int = 0) -> None:
+               n64: int = 30000, n128: int = 8000, seed: int = 0, device: str = "auto",
+               batch_size_128: int | None = None, quarters_128: int = 1) -> None:
     torch.manual_seed(seed)
-    unet = unet_from_config(**UNET_CONFIGS[size])
+    dev = resolve_device(device)
+    unet = unet_from_config(**UNET_CONFIGS[size]).to(dev)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
-    data = DenoisingData(load_caches(cache_dir or run_dir.parent / "latent-cache", vae, n64, n128), batch_size)
+    caches = load_caches(cache_dir or run_dir.parent / "latent-cache", vae, n64, n128, dev)
+    data = DenoisingData(caches, batch_size, dev, batch_size_128, quarters_128)
 
     def step(i: int) -> float:
         rng = random.Random(seed * 1_000_003 + i)
         g = torch.Generator().manual_seed(seed * 7919 + i)
         xt, t, noise, ctx, mask = data.batch(i, rng, g)
         set_cosine_lr(opt, i, steps, lr, warmup=300)
-        pred = unet(xt, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
-        loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * data.min_snr_weights(t)).mean()
+        with autocast(dev):
+            pred = unet(xt, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
+        loss = (F.mse_loss(pred.float(), noise, reduction="none").mean((1, 2, 3)) * data.min_snr_weights(t)).mean()
         return optimize(opt, loss, clip=1.0)
 
     cfg = LoopConfig(run_dir, steps, max_minutes, checkpoint_every=200, ema_decay=0.999, warm_start=out)
