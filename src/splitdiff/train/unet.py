@@ -35,6 +35,11 @@ UNET_CONFIGS = {
 }
 PROMPT_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0
+# Offset noise (a per-sample, per-channel constant added to the training noise). SD's
+# schedule never reaches zero SNR, so without it the mean of x_T still carries the image's
+# mean colour in training, and at sampling time the model reads a random background off
+# the initial noise. The Shapes world's backgrounds are solid colours: the worst case.
+NOISE_OFFSET = 0.15
 
 
 def unet_from_config(block_out_channels, layers_per_block) -> UNet2DConditionModel:
@@ -94,7 +99,8 @@ class DenoisingData:
         drop = (torch.rand(bs, generator=g) < PROMPT_DROPOUT).to(self.device)
         ctx[drop], mask[drop] = self.empty, self.empty_mask
         t = torch.randint(0, self.sched.config.num_train_timesteps, (bs,), generator=g)
-        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        noise = torch.randn(x0.shape, generator=g) + NOISE_OFFSET * torch.randn(bs, x0.shape[1], 1, 1, generator=g)
+        noise = noise.to(self.device)
         t = t.to(self.device)
         return self.sched.add_noise(x0, noise, t), t, noise, ctx, mask
 
