@@ -33,11 +33,12 @@ def _workers() -> int:
 
 
 @torch.no_grad()
-def build_cache(vae, n: int, size: int, seed: int, chunk: int = 64, encoder=None,
+def build_cache(vae, n: int, size: int, seed: int, chunk: int | None = None, encoder=None,
                 workers: int | None = None) -> dict[str, torch.Tensor]:
     rng = random.Random(seed)
     encoder = encoder or default_encoder()
     device, dtype = vae.device, vae.dtype
+    chunk = chunk or (512 if device.type == "cuda" else 64)  # a GPU wants larger batches
     workers = _workers() if workers is None else workers
     pool = get_context("fork").Pool(workers) if workers > 1 else None
     latents, embeds, masks = [], [], []
@@ -62,6 +63,6 @@ def load_or_build(path: Path, vae, n: int, size: int, seed: int, encoder=None) -
         tensors, meta = load_tensors(path)
         if meta.get("n") == n and meta.get("size") == size and meta.get("seed") == seed:
             return tensors
-    tensors = build_cache(vae, n, size, seed, chunk=512 if vae.device.type == "cuda" else 64, encoder=encoder)
+    tensors = build_cache(vae, n, size, seed, encoder=encoder)
     save_tensors(path, tensors, {"n": n, "size": size, "seed": seed})
     return tensors

@@ -115,7 +115,7 @@ def load_caches(cache_dir: Path, vae_source: str, n64: int, n128: int,
     from ..text import TextEncoder
 
     vae = load_vae(vae_source).to(device)
-    encoder = TextEncoder(device=device.type) if device.type != "cpu" else default_encoder()
+    encoder = TextEncoder(device=str(device)) if device.type != "cpu" else default_encoder()
     caches = {64: load_or_build(cache_dir / "cache64.safetensors", vae, n64, 64, seed=64, encoder=encoder)}
     if n128:
         caches[128] = load_or_build(cache_dir / "cache128.safetensors", vae, n128, 128, seed=128, encoder=encoder)
