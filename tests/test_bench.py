@@ -29,3 +29,14 @@ def test_bench_family_compares_sizes_speeds_and_decoders(tmp_path, tiny_models_d
     with (tmp_path / "ceiling.csv").open() as f:
         ceiling = {(r["size"], r["images"]): float(r["adherence"]) for r in csv.DictReader(f)}
     assert len(ceiling) == 6 and ceiling[("64", "renders")] > 0.95  # the evaluator reads the world's renders
+
+
+def test_write_csv_keeps_every_column_and_leaves_no_temporary_file(tmp_path):
+    from splitdiff.bench import write_csv
+
+    write_csv(tmp_path / "t.csv", [{"plan": "cloud:25", "s": 1 / 3}, {"plan": "edge:25", "psnr_db": 30.0}])
+    with open(tmp_path / "t.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["plan", "s", "psnr_db"]
+    assert rows[0]["s"] == "0.333333" and rows[1]["psnr_db"] == "30" and rows[1]["s"] == ""
+    assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]

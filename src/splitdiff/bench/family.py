@@ -8,7 +8,6 @@ through the VAE (and decoded by each decoder). No U-Net can do better than that.
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import write_csv
 from ..core.registry import load_unet, load_vae
 from ..core.runner import decode
 from ..text import default_encoder
@@ -75,9 +75,9 @@ def bench_family(out_dir: Path, repeats: int = 10, threads: int | None = None, c
                      "param_ratio": _params(tiny.decoder) / _params(vae.decoder), "large_s": secs["full"],
                      "small_s": secs["tiny"], "speedup": secs["full"] / secs["tiny"],
                      "psnr_db": psnr(tiny_img, full_img)})
-    _write_csv(out_dir / "family.csv", rows)
+    write_csv(out_dir / "family.csv", rows)
     ceiling = adherence_ceiling(vae, tiny, ceiling_prompts)
-    _write_csv(out_dir / "ceiling.csv", ceiling)
+    write_csv(out_dir / "ceiling.csv", ceiling)
     for r in ceiling:
         print(f"adherence ceiling, {r['size']} px, {r['images']:28s} {r['adherence']:.3f}")
     for r in rows:
@@ -104,10 +104,3 @@ def adherence_ceiling(vae, tiny, n_prompts: int, sizes: tuple[int, ...] = (64, 1
             rows.append({"size": size, "images": name, "prompts": n_prompts,
                          "adherence": evaluator.adherence(images, prompts)[1]})
     return rows
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)

@@ -9,12 +9,12 @@ a GPU (`device`); seconds are those of the device they ran on.
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 
 import torch
 
+from . import write_csv
 from ..core.plan import PlanSegment
 from ..core.registry import load_vae
 from ..core.runner import to_pil
@@ -73,17 +73,10 @@ def bench_hybrid(out_dir: Path, n_prompts: int = 500, size: int = 64, guidance: 
                   flush=True)
             if dec_name == "full":
                 grid.append(images[:grid_prompts])
-    _write_csv(out_dir / "hybrid.csv", rows)
+    write_csv(out_dir / "hybrid.csv", rows)
     _plot(out_dir / "hybrid.png", rows)
     _grid(out_dir / "hybrid_grid.png", grid, [r["plan"] for r in rows if r["decoder"] == "full"])
     return rows
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def _plot(path: Path, rows: list[dict]) -> None:

@@ -11,19 +11,18 @@ Writes parallel.csv, parallel.png (and grid.png with a VAE) into `out_dir`.
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from . import write_csv
 from ..io import load_tensors
 from ..parallel import launch
 from ..parallel.launch import RankFailure
 from ..parallel.run import Job, encode, run
 from ..parallel.stats import CATEGORIES, per_step
-
 
 
 def bench_parallel(
@@ -92,7 +91,7 @@ def bench_parallel(
             row["wait_ms_per_step"] = 1000 * traffic.get("wait_s", 0.0)
             rows.append(row)
 
-    _write_csv(rows, out / "parallel.csv")
+    write_csv(out / "parallel.csv", rows)
     _plot(rows, out / "parallel.png")
     if vae:
         _grid(grid, out / "grid.png")
@@ -118,14 +117,6 @@ def _decode(vae: str, latents: torch.Tensor) -> torch.Tensor:
 def _psnr(a: torch.Tensor, b: torch.Tensor, peak: float) -> float:
     mse = torch.mean((a.double() - b.double()) ** 2).item()
     return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
-
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -11,7 +11,6 @@ and the server's memory over time. The server is a separate process, as in use.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import os
 import socket
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from . import write_csv
 from ..errors import UserError
 
 START_TIMEOUT = 300.0
@@ -235,13 +235,6 @@ def _edge_vae() -> str:
 
 
 # -- output ---------------------------------------------------------------------------
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
-
-
 def _plots(out: Path, points: list[dict], load: list[dict]) -> None:
     import matplotlib
 
@@ -318,10 +311,10 @@ def bench_serve(out: Path, *, model: str = "cloud", vae: str | None = None, edge
                 print(f"load: {LOAD_CLIENTS} clients, {last['t_s']:.0f} s: {last['answered']} answered, "
                       f"{last['errors']} errors, server RSS {min(r['rss_mib'] for r in load):.0f}"
                       f"..{max(r['rss_mib'] for r in load):.0f} MiB", flush=True)
-    _write_csv(out / "serve_concurrency.csv", points)
-    _write_csv(out / "serve_load.csv", load)
+    write_csv(out / "serve_concurrency.csv", points)
+    write_csv(out / "serve_load.csv", load)
     if e2e:
-        _write_csv(out / "serve_end_to_end.csv", [e2e])
+        write_csv(out / "serve_end_to_end.csv", [e2e])
     _plots(out, points, load)
     speedup = {n: _rate(points, max_batch, n) / _rate(points, 1, n) for n in levels}
     print("images/s, batching vs max batch 1: " + ", ".join(f"{n} clients {s:.2f}x" for n, s in speedup.items()))
