@@ -12,6 +12,8 @@ def test_bench_hybrid_writes_table_plot_and_grid(tmp_path, tiny_models_dir):
     assert [r["plan"] for r in rows if r["decoder"] == "full"] == ["cloud:3", "cloud:1,edge:2", "edge:3"]
     assert rows[0]["edge_unet_s"] == 0 and rows[-1]["cloud_unet_s"] == 0 and rows[2]["edge_unet_s"] > 0
     assert all(0 <= r["adherence"] <= 1 for r in rows)
+    by_count = [rows[0][f"adherence_{n}obj"] for n in (1, 2, 3)]  # 6 prompts: two each with 1, 2, 3 objects
+    assert abs(sum(by_count) / 3 - rows[0]["adherence"]) < 1e-9
     with open(tmp_path / "hybrid.csv") as f:
         assert len(list(csv.DictReader(f))) == 6
     assert (tmp_path / "hybrid.png").stat().st_size > 0 and (tmp_path / "hybrid_grid.png").stat().st_size > 0

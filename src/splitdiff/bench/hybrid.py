@@ -22,7 +22,7 @@ from ..eval import default_evaluator, reference_renders
 from ..hybrid.batch import decode_many, run_many
 from ..hybrid.pipeline import load_pipeline
 from ..io import atomic_save_image
-from ..world import prompt_set
+from ..world import parse_prompt, prompt_set
 
 STEPS = 25
 CLOUD_STEPS = (25, 20, 15, 10, 5, 0)
@@ -34,6 +34,14 @@ def hybrid_plans(total: int, cloud_steps: tuple[int, ...]):
         segs = ([PlanSegment("cloud", c)] if c else []) + ([PlanSegment("edge", total - c)] if total - c else [])
         plans.append(tuple(segs))
     return plans
+
+
+def adherence_by_objects(scores: list[float], n_objects: list[int]) -> dict[str, float]:
+    """Mean adherence per object count: where the small model's semantic weakness shows."""
+    groups: dict[int, list[float]] = {}
+    for score, n in zip(scores, n_objects):
+        groups.setdefault(n, []).append(score)
+    return {f"adherence_{n}obj": sum(g) / len(g) for n, g in sorted(groups.items())}
 
 
 def bench_hybrid(out_dir: Path, n_prompts: int = 500, size: int = 64, guidance: float = 5.0, batch_size: int = 50,
@@ -48,6 +56,7 @@ def bench_hybrid(out_dir: Path, n_prompts: int = 500, size: int = 64, guidance: 
     evaluator = default_evaluator()
     prompts = prompt_set(n_prompts)
     reference = reference_renders(prompts, size, seed=10_000)
+    n_objects = [len(parse_prompt(p).objects) for p in prompts]
     rows, grid = [], []
     for plan in hybrid_plans(steps, cloud_steps):
         start = time.perf_counter()
@@ -57,11 +66,11 @@ def bench_hybrid(out_dir: Path, n_prompts: int = 500, size: int = 64, guidance: 
         on_cloud = sum(s.steps for s in plan if s.model == "cloud")
         for dec_name, dec in decoders.items():
             images, dec_s = decode_many(dec, res.latents)
-            _, adh = evaluator.adherence(images, prompts)
+            scores, adh = evaluator.adherence(images, prompts)
             row = {
                 "plan": ",".join(f"{s.model}:{s.steps}" for s in plan), "decoder": dec_name,
                 "cloud_steps": on_cloud, "cloud_share": on_cloud / steps, "adherence": adh,
-                "fsd": evaluator.fsd(images, reference),
+                **adherence_by_objects(scores, n_objects), "fsd": evaluator.fsd(images, reference),
                 "cloud_unet_s": res.unet_seconds.get("cloud", 0.0) / n_prompts,
                 "edge_unet_s": res.unet_seconds.get("edge", 0.0) / n_prompts,
                 "decode_s": dec_s / n_prompts,
