@@ -44,10 +44,13 @@ def test_compress_command_distils_a_loadable_edge_unet(tmp_path):
 
     torch.manual_seed(0)
     unet_from_config((16, 32, 64), 2).save_pretrained(tmp_path / "teacher")
+    (tmp_path / "teacher" / "training.json").write_text('{"steps": 1234}')
     tiny_vae().save_pretrained(tmp_path / "vae")
     out = tmp_path / "edge"
     compress(tmp_path / "run", out, teacher=str(tmp_path / "teacher"), steps=3, batch_size=4,
              vae=str(tmp_path / "vae"), cache_dir=tmp_path / "cache", n64=16, n128=8)
     edge = load_unet(str(out))
     assert edge.config.block_out_channels == [16, 32] and edge.config.mid_block_type is None
-    assert (tmp_path / "run" / "pruning.json").exists() and "steps: 3" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert (tmp_path / "run" / "pruning.json").exists() and "steps: 3" in card
+    assert "- teacher: `teacher` at 1,234 steps" in card  # the card names the teacher it was distilled from

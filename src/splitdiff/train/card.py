@@ -26,8 +26,7 @@ ABOUT = {
     "edge": ("UNet2DConditionModel pruned from the cloud U-Net (first two stages, one layer each, no attention "
              "at the highest resolution, no mid block)",
              "the cloud U-Net's training data (offset noise 0.15 from step 2,100 on); loss = denoising + "
-             "output KD + feature KD (1/1/1); teacher: the cloud U-Net at 7,137 steps up to step 4,500, at "
-             "11,945 steps after",
+             "output KD + feature KD (1/1/1)",
              "splitdiff compress"),
 }
 
@@ -51,11 +50,12 @@ def _run_facts(run_dir: Path) -> dict:
     return facts
 
 
-def write_card(name: str, model_dir: Path, run_dir: Path, validation: dict | None = None) -> None:
+def write_card(name: str, model_dir: Path, run_dir: Path, validation: dict | None = None,
+               facts: dict | None = None) -> None:
     arch, data, command = ABOUT[name]
     config = json.loads((model_dir / "config.json").read_text())
     params = sum(t.numel() for t in load_tensors(next(model_dir.glob("*.safetensors")))[0].values())
-    facts = _run_facts(run_dir)
+    facts = {**(facts or {}), **_run_facts(run_dir)}
     lines = [
         f"# {name}", "", f"- architecture: {arch} (`{config.get('_class_name')}`)",
         f"- parameters: {params:,}", f"- weights: fp16 safetensors, diffusers format",

@@ -19,7 +19,7 @@ from diffusers import UNet2DConditionModel
 from ..core.registry import load_unet
 from ..text import CONTEXT_DIM
 from .card import write_card
-from .export import export_diffusers
+from .export import export_diffusers, training_record
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 from .prune import inherit, significance
 from .unet import DenoisingData, autocast, load_caches, resolve_device
@@ -88,6 +88,15 @@ def compress(run_dir: Path, out: Path, teacher: str = "cloud", steps: int = 4000
         return optimize(opt, loss, clip=1.0)
 
     cfg = LoopConfig(run_dir, steps, max_minutes, checkpoint_every=200, ema_decay=0.999, warm_start=out)
+    card_facts = {"teacher": _describe_teacher(cloud)}
     run_training(cfg, edge, opt, step,
-                 lambda state, model: (export_diffusers(model, out, state), write_card("edge", out, run_dir)),
+                 lambda state, model: (export_diffusers(model, out, state),
+                                       write_card("edge", out, run_dir, facts=card_facts)),
                  desc="compress")
+
+
+def _describe_teacher(cloud: UNet2DConditionModel) -> str:
+    """The teacher as the edge's card names it: its folder, and its training step when it has a record."""
+    folder = Path(cloud.config._name_or_path)
+    record = training_record(folder)
+    return f"`{folder.name}` at {record['steps']:,} steps" if record else f"`{folder}`"

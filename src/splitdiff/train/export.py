@@ -34,12 +34,18 @@ def export_diffusers(model: torch.nn.Module, out: Path, state=None, **config_upd
     tmp.rename(out)
 
 
+def training_record(folder: Path) -> dict | None:
+    """The step and wall time an exported folder was written at, or None for weights from elsewhere."""
+    record = Path(folder) / TRAINING_FILE
+    return json.loads(record.read_text()) if record.exists() else None
+
+
 def warm_start(folder: Path, *modules: torch.nn.Module) -> dict | None:
     """Load an exported folder's weights into `modules`; its training record, or None if there is none."""
-    record = folder / TRAINING_FILE
-    if not (record.exists() and (folder / WEIGHTS_FILE).exists()):
+    record = training_record(folder)
+    if record is None or not (folder / WEIGHTS_FILE).exists():
         return None
     tensors, _ = load_tensors(folder / WEIGHTS_FILE)
     for m in modules:
         m.load_state_dict({k: v.float() for k, v in tensors.items()})
-    return json.loads(record.read_text())
+    return record
