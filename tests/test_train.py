@@ -35,3 +35,20 @@ def test_a_lost_checkpoint_warm_starts_from_the_exported_weights(tmp_path):
     train_vae(tmp_path / "run", out, steps=3, batch_size=2)
     assert "warm start from" in (tmp_path / "run" / "train.log").read_text()
     assert load_tensors(tmp_path / "run" / "checkpoint.safetensors")[1]["step"] == 3
+
+
+def test_weights_of_another_architecture_are_no_warm_start(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from splitdiff.train.export import export_diffusers, warm_start
+    from splitdiff.train.loop import TrainState
+
+    def decoder(blocks):
+        return AutoencoderTiny(decoder_block_out_channels=(8, 8, 8), num_decoder_blocks=blocks, latent_channels=4)
+
+    export_diffusers(decoder((1, 1, 1)), tmp_path / "old", TrainState(step=7))
+    assert warm_start(tmp_path / "old", decoder((1, 1, 1)))["steps"] == 7
+    fresh = decoder((1, 1, 0))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    assert warm_start(tmp_path / "old", fresh) is None
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())

@@ -41,11 +41,18 @@ def training_record(folder: Path) -> dict | None:
 
 
 def warm_start(folder: Path, *modules: torch.nn.Module) -> dict | None:
-    """Load an exported folder's weights into `modules`; its training record, or None if there is none."""
+    """Load an exported folder's weights into `modules`; its training record, or None if there is none.
+
+    Weights of another architecture (the trainer's config changed since they were exported)
+    are not a starting point: None, and the run starts afresh.
+    """
     record = training_record(folder)
     if record is None or not (folder / WEIGHTS_FILE).exists():
         return None
     tensors, _ = load_tensors(folder / WEIGHTS_FILE)
+    shapes = {k: tuple(v.shape) for k, v in modules[0].state_dict().items()}
+    if shapes != {k: tuple(v.shape) for k, v in tensors.items()}:
+        return None
     for m in modules:
         m.load_state_dict({k: v.float() for k, v in tensors.items()})
     return record

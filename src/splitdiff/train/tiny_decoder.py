@@ -20,9 +20,12 @@ from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 from .export import export_diffusers
 from .vae import render_batch
 
+# No block at the output resolution (num_decoder_blocks ends in 0): at 64 px that stage
+# was most of the decoder's time; what is left there is the upsampling conv and the output
+# conv. 6x faster than the family's VAE decoder on this CPU, against 3.4-3.9x with (2, 2, 1).
 TINY_CONFIG = dict(
     encoder_block_out_channels=(8, 8, 8), num_encoder_blocks=(1, 1, 1),
-    decoder_block_out_channels=(12, 12, 12), num_decoder_blocks=(2, 2, 1),
+    decoder_block_out_channels=(12, 12, 12), num_decoder_blocks=(2, 2, 0),
     latent_channels=4, scaling_factor=1.0,  # it decodes the U-Nets' (already scaled) latents directly
 )
 
