@@ -248,7 +248,7 @@ def train_vae_cmd(
 
 @train_app.command("tiny-decoder")
 def train_tiny_decoder_cmd(
-    run_dir: Path = typer.Option(Path("runs/tiny-decoder")), steps: int = typer.Option(3000, min=1),
+    run_dir: Path = typer.Option(Path("runs/tiny-decoder")), steps: int = typer.Option(8000, min=1),
     max_minutes: Optional[float] = typer.Option(None), out: Optional[Path] = typer.Option(None),
 ):
     """A TAESD-style decoder distilled from the VAE's decoder."""
