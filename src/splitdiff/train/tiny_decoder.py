@@ -24,7 +24,7 @@ from .vae import render_batch
 # (2, 1, 0)): at 64 px the full-resolution stage was most of the decoder's time, and
 # small-channel convolutions there cost more than their arithmetic on a CPU. With
 # (2, 2, 1) the decoder was only 3.4-3.9x faster than the family's VAE decoder; this one
-# is 5.9x (one image) to 9.8x (eight), at 30.5 dB against it after 8,000 steps.
+# is 6.0x (one image) to 9.8x (eight), at 30.5 dB against it after 8,000 steps (bench family).
 TINY_CONFIG = dict(
     encoder_block_out_channels=(8, 8, 8), num_encoder_blocks=(1, 1, 1),
     decoder_block_out_channels=(12, 12, 12), num_decoder_blocks=(2, 1, 0),
