@@ -14,13 +14,21 @@ from typing import Callable, Sequence
 
 import torch
 
-from .trajectory import Trajectory
+from .trajectory import Trajectory, TrajectoryError
 
 
-def _context(trajs: Sequence[Trajectory]):
+class NonFiniteError(TrajectoryError):
+    """A step left a trajectory's latents non-finite: its image would be black, so it is an error."""
+
+    @classmethod
+    def at(cls, traj: Trajectory) -> "NonFiniteError":
+        """The error for the step `traj` was taking."""
+        return cls(f"the latents became non-finite (nan or inf) at step {traj.step_index + 1} of "
+                   f"{traj.num_steps} ({traj.scheduler_name}, guidance {traj.guidance_scale:g})")
+
+
+def _context(trajs: Sequence[Trajectory], scaled: Sequence[torch.Tensor]):
     """The U-Net's inputs for one step: rows [uncond..., cond...] like StableDiffusionPipeline."""
-    # scale_model_input is stateful for Euler schedulers: call it once per trajectory per step.
-    scaled = [t.scheduler.scale_model_input(t.latents, t.timestep) for t in trajs]
     guided = [(x, t) for x, t in zip(scaled, trajs) if t.uses_guidance]
     rows = [(x, t.timestep, t.negative_embeds, t.negative_mask) for x, t in guided]
     rows += [(x, t.timestep, t.prompt_embeds, t.prompt_mask) for x, t in zip(scaled, trajs)]
@@ -32,10 +40,15 @@ def _context(trajs: Sequence[Trajectory]):
     return [t for _, t in guided], torch.cat(xs), torch.stack([t.float() for t in ts]), torch.stack(embeds), mask
 
 
+def _scaled(traj: Trajectory) -> torch.Tensor:
+    # scale_model_input is stateful for Euler schedulers: call it once per trajectory per step.
+    return traj.scheduler.scale_model_input(traj.latents, traj.timestep)
+
+
 @torch.no_grad()
-def guided_noise(unet, trajs: Sequence[Trajectory]) -> list[torch.Tensor]:
-    """Each trajectory's guided noise prediction, from one U-Net call."""
-    guided, x, t, ctx, mask = _context(trajs)
+def guided_noise(unet, trajs: Sequence[Trajectory], scaled: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Each trajectory's guided noise prediction, from one U-Net call (`scaled`: their scaled inputs, if made)."""
+    guided, x, t, ctx, mask = _context(trajs, [_scaled(tr) for tr in trajs] if scaled is None else scaled)
     dtype = unet.dtype
     out = unet(x.to(unet.device, dtype), t.to(unet.device), encoder_hidden_states=ctx.to(unet.device, dtype),
                encoder_attention_mask=None if mask is None else mask.to(unet.device), return_dict=False)[0]
@@ -52,26 +65,58 @@ def guided_noise(unet, trajs: Sequence[Trajectory]) -> list[torch.Tensor]:
     return preds
 
 
-def denoise_step(unet, trajs: Sequence[Trajectory]) -> None:
-    """One step for every unfinished trajectory, in place."""
-    live = [t for t in trajs if not t.done]
+def denoise_step(unet, trajs: Sequence[Trajectory]) -> dict[int, Exception]:
+    """One step for every unfinished trajectory in `trajs`, in place, with one U-Net call.
+
+    A failure that belongs to one trajectory does not stop the others: its scheduler
+    refusing to scale or step it, or a step whose latents are not finite (NonFiniteError).
+    Such failures are returned as {index in `trajs`: exception}; that trajectory keeps its
+    latents and step index, but its scheduler may have moved on, so it must be dropped.
+    Every other unfinished trajectory advances one step. A failure of the U-Net call
+    itself concerns the whole batch and is raised.
+    """
+    failures: dict[int, Exception] = {}
+    live, scaled = [], []
+    for i, tr in enumerate(trajs):
+        if tr.done:
+            continue
+        try:
+            scaled.append(_scaled(tr))
+        except Exception as e:  # noqa: BLE001 - reported to the caller, per trajectory
+            failures[i] = e
+            continue
+        live.append((i, tr))
     if not live:
-        return
-    for tr, eps in zip(live, guided_noise(unet, live)):
-        tr.latents = tr.scheduler.step(eps, tr.timestep, tr.latents, generator=tr.generator, return_dict=False)[0]
+        return failures
+    preds = guided_noise(unet, [tr for _, tr in live], scaled)
+    for (i, tr), eps in zip(live, preds):
+        try:
+            latents = tr.scheduler.step(eps, tr.timestep, tr.latents, generator=tr.generator, return_dict=False)[0]
+            if not bool(torch.isfinite(latents).all()):
+                raise NonFiniteError.at(tr)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, per trajectory
+            failures[i] = e
+            continue
+        tr.latents = latents
         tr.step_index += 1
+    return failures
 
 
 def advance(unet, trajs: Sequence[Trajectory], steps: int, model_name: str = "model", where: str = "local",
             on_step: Callable[[int], None] | None = None) -> float:
-    """Advance each trajectory by `steps` (or to its end); record provenance; return U-Net seconds."""
+    """Advance each trajectory by `steps` (or to its end); record provenance; return U-Net seconds.
+
+    The first trajectory failure of a step (see denoise_step) is raised.
+    """
     total = 0.0
     for k in range(steps):
         live = [t for t in trajs if not t.done]
         if not live:
             break
         start = time.perf_counter()
-        denoise_step(unet, live)
+        failures = denoise_step(unet, live)
+        if failures:
+            raise failures[min(failures)]
         dt = time.perf_counter() - start
         total += dt
         for t in live:

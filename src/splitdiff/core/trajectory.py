@@ -10,6 +10,8 @@ versioned JSON header; loading validates everything and never unpickles.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +27,29 @@ from . import schedulers
 FORMAT = "splitdiff.trajectory"
 VERSION = 1
 
+# What a trajectory may hold. Anything beyond is refused before it is built.
+MAX_CHANNELS = 16
+MIN_SIDE, MAX_SIDE = 4, 512  # latent sides; 4 is the server's smallest image (16 px) at the family's 4x VAE
+MAX_TOKENS, MAX_WIDTH = 512, 4096  # prompt embeddings: L x D
+MAX_GUIDANCE = 100.0
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed takes
+MAX_PROMPT_CHARS = 10_000
+MAX_NAME_CHARS = 200  # provenance model and place names
+MAX_SEGMENTS = 2 * schedulers.MAX_STEPS
+MAX_HEADER_BYTES = 2 ** 20
+GENERATOR_STATE_BYTES = torch.Generator().get_state().numel()
+# The largest trajectory: latents and up to three of DPM-Solver++'s history at the largest
+# shape, both embeddings at theirs, their masks, the schedule, the RNG state and the header.
+MAX_BYTES = (4 * 4 * MAX_CHANNELS * MAX_SIDE ** 2 + 2 * 4 * MAX_TOKENS * MAX_WIDTH + 2 * 8 * MAX_TOKENS
+             + 2 * 8 * (schedulers.MAX_STEPS + 1) + GENERATOR_STATE_BYTES + MAX_HEADER_BYTES + 8)
+
 
 class TrajectoryError(UserError):
-    """A trajectory file or body that cannot be trusted: corrupt, truncated, wrong version or shape."""
+    """A trajectory that cannot be trusted or continued: corrupt, truncated, out of range, not for this model."""
+
+    def __init__(self, message: str):
+        text = " ".join(str(message).split())
+        super().__init__(text if len(text) <= 400 else text[:397] + "...")
 
 
 @dataclass
@@ -110,7 +132,7 @@ class Trajectory:
                        for k, v in tensors.items()}
         meta = {
             "format": FORMAT, "version": VERSION, "half": half,
-            "scheduler": {"name": self.scheduler_name, "config": dict(self.scheduler.config),
+            "scheduler": {"name": self.scheduler_name, "config": schedulers.config_of(self.scheduler),
                           "num_inference_steps": self.num_steps, "state": sched_state},
             "step_index": self.step_index, "guidance_scale": self.guidance_scale, "seed": self.seed,
             "prompt": self.prompt, "negative_prompt": self.negative_prompt, "degraded": self.degraded,
@@ -121,19 +143,20 @@ class Trajectory:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Trajectory":
+        """The trajectory in `data`, every field checked first; a TrajectoryError (one line) names what is wrong.
+
+        This is the one way in for files and for the wire alike: nothing is built, and no
+        tensor is read, before the header and the metadata have passed the checks.
+        """
         try:
-            tensors = st_load(data)
-            header_len = int.from_bytes(data[:8], "little")
-            meta_raw = json.loads(data[8:8 + header_len]).get("__metadata__", {}).get("splitdiff")
-        except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError, IndexError) as e:
-            raise TrajectoryError(f"not a readable trajectory (corrupt or truncated): {_first_line(e)}") from None
-        if meta_raw is None:
-            raise TrajectoryError("not a splitdiff trajectory: its header has no splitdiff metadata")
-        try:
-            meta = json.loads(meta_raw)
-        except ValueError:
-            raise TrajectoryError("trajectory metadata is not valid JSON") from None
-        return _validated(tensors, meta)
+            return _load(data)
+        except TrajectoryError:
+            raise
+        except UserError as e:
+            raise TrajectoryError(f"invalid trajectory: {e}") from None
+        except (SafetensorError, LookupError, TypeError, ValueError, RuntimeError, AttributeError,
+                ArithmeticError) as e:
+            raise TrajectoryError(f"invalid trajectory: {type(e).__name__}: {_first_line(e)}") from None
 
 
 def _json_default(o):
@@ -148,50 +171,220 @@ def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
-def _validated(tensors: dict[str, torch.Tensor], meta: dict) -> Trajectory:
-    def need(cond: bool, what: str):
-        if not cond:
-            raise TrajectoryError(f"invalid trajectory: {what}")
+def _show(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    need(isinstance(meta, dict) and meta.get("format") == FORMAT, "format is not splitdiff.trajectory")
-    need(meta.get("version") == VERSION, f"format version {meta.get('version')!r} is not {VERSION}")
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise TrajectoryError(f"invalid trajectory: {what}")
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def _is_number(v: Any, lo: float, hi: float) -> bool:
+    if type(v) not in (int, float) or (type(v) is float and not math.isfinite(v)):
+        return False
+    return lo <= v <= hi
+
+
+def _is_text(v: Any, limit: int) -> bool:
+    return isinstance(v, str) and len(v) <= limit
+
+
+META_KEYS = ("format", "version", "half", "scheduler", "step_index", "guidance_scale", "seed", "prompt",
+             "negative_prompt", "degraded", "provenance")
+SCHEDULER_KEYS = ("name", "config", "num_inference_steps", "state")
+SEGMENT_KEYS = ("model", "start", "end", "seconds", "where")
+_FLOAT_CODES = ("F32", "F16")
+
+
+def _short_int(text: str) -> int:
+    """JSON integers as Python reads them, but none longer than any field allows (a seed has 20 digits)."""
+    if len(text) > 40:
+        raise ValueError(f"it holds an integer of {len(text)} digits")
+    return int(text)
+
+
+def _read_header(data: bytes) -> tuple[dict, dict]:
+    """(the tensors' header entries, the splitdiff metadata), from bounded JSON only."""
+    _need(isinstance(data, (bytes, bytearray)), f"got {type(data).__name__}, not bytes")
+    if len(data) > MAX_BYTES:
+        raise TrajectoryError(f"invalid trajectory: {len(data)} bytes is more than any trajectory ({MAX_BYTES})")
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < n <= min(MAX_HEADER_BYTES, len(data) - 8):
+        raise TrajectoryError("not a readable trajectory (corrupt or truncated): bad header length")
+    try:
+        header = json.loads(bytes(data[8:8 + n]))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise TrajectoryError("not a readable trajectory (corrupt or truncated): its header is not JSON") from None
+    _need(isinstance(header, dict), "its header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("splitdiff"), str):
+        raise TrajectoryError("not a splitdiff trajectory: its header has no splitdiff metadata")
+    _need(set(metadata) == {"splitdiff"}, "its header holds metadata besides splitdiff's")
+    try:
+        meta = json.loads(metadata["splitdiff"], parse_int=_short_int)
+    except (ValueError, RecursionError) as e:
+        raise TrajectoryError(f"trajectory metadata is not valid JSON: {_first_line(e)}") from None
+    return header, meta
+
+
+def _check_meta(meta: Any) -> dict:
+    """The metadata's fields, each checked for type and range (the scheduler's by `schedulers`)."""
+    _need(isinstance(meta, dict) and meta.get("format") == FORMAT, "format is not splitdiff.trajectory")
+    _need(type(meta.get("version")) is int and meta["version"] == VERSION,
+          f"format version {_show(meta.get('version'))} is not {VERSION}")
+    for key in meta:
+        _need(key in META_KEYS, f"unknown field {_show(key)}")
+    for key in META_KEYS:
+        _need(key in meta, f"missing field {key!r}")
+    _need(type(meta["half"]) is bool, f"half is {_show(meta['half'])}, not true or false")
+    _need(type(meta["degraded"]) is bool, f"degraded is {_show(meta['degraded'])}, not true or false")
+    _need(_is_number(meta["guidance_scale"], 0.0, MAX_GUIDANCE),
+          f"guidance_scale is {_show(meta['guidance_scale'])}, not a finite number in 0..{MAX_GUIDANCE:g}")
+    _need(_is_int(meta["seed"], SEED_MIN, SEED_MAX), f"seed is {_show(meta['seed'])}, not an integer in "
+          f"{SEED_MIN}..{SEED_MAX}")
+    for key in ("prompt", "negative_prompt"):
+        _need(_is_text(meta[key], MAX_PROMPT_CHARS), f"{key} is not text of at most {MAX_PROMPT_CHARS} characters")
+    s = meta["scheduler"]
+    _need(isinstance(s, dict) and set(s) == set(SCHEDULER_KEYS),
+          f"scheduler is not an object with exactly {', '.join(SCHEDULER_KEYS)}")
+    _need(_is_int(meta["step_index"], 0, schedulers.MAX_STEPS),
+          f"step_index is {_show(meta['step_index'])}, not an integer in 0..{schedulers.MAX_STEPS}")
+    return meta
+
+
+def _check_provenance(items: Any, step_index: int) -> list[Segment]:
+    _need(isinstance(items, list) and len(items) <= MAX_SEGMENTS,
+          f"provenance is not a list of at most {MAX_SEGMENTS} segments")
+    out = []
+    for i, p in enumerate(items):
+        _need(isinstance(p, dict) and set(p) == set(SEGMENT_KEYS),
+              f"provenance[{i}] is not an object with exactly {', '.join(SEGMENT_KEYS)}")
+        for key in ("model", "where"):
+            _need(_is_text(p[key], MAX_NAME_CHARS), f"provenance[{i}].{key} is not text of at most "
+                  f"{MAX_NAME_CHARS} characters")
+        _need(_is_int(p["start"], 0, step_index) and _is_int(p["end"], p["start"], step_index),
+              f"provenance[{i}] steps {_show(p['start'])}..{_show(p['end'])} are not within 0..{step_index}")
+        _need(_is_number(p["seconds"], 0.0, math.inf), f"provenance[{i}].seconds is {_show(p['seconds'])}, "
+              "not a finite number >= 0")
+        out.append(Segment(p["model"], p["start"], p["end"], float(p["seconds"]), p["where"]))
+    return out
+
+
+def _entry(header: dict, key: str) -> tuple[str, tuple[int, ...]]:
+    e = header[key]
+    ok = isinstance(e, dict) and isinstance(e.get("dtype"), str) and isinstance(e.get("shape"), list) \
+        and len(e["shape"]) <= 8 and all(_is_int(d, 0, 2 ** 31) for d in e["shape"])
+    _need(ok, f"tensor {key} has a malformed header entry")
+    return e["dtype"], tuple(e["shape"])
+
+
+def _check_static_tensors(header: dict) -> tuple[int, ...]:
+    """Check the non-scheduler tensors' dtypes and shapes from the header; the latents' shape."""
     for key in ("latents", "prompt_embeds", "negative_embeds", "generator_state"):
-        need(key in tensors, f"missing tensor {key!r}")
-    floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
-    for k, v in floats.items():
-        need(v.dtype in (torch.float16, torch.float32), f"{k} has dtype {v.dtype}, not fp16/fp32")
-        need(bool(torch.isfinite(v).all()), f"{k} holds non-finite values")
-    tensors = {k: v.float() if k in floats and v.dtype == torch.float16 else v for k, v in tensors.items()}
-    lat, emb, neg = tensors["latents"], tensors["prompt_embeds"], tensors["negative_embeds"]
-    need(lat.dim() == 4 and lat.shape[0] == 1, f"latents have shape {tuple(lat.shape)}, not 1 x C x h x w")
-    need(emb.dim() == 2 and emb.shape == neg.shape, "prompt and negative embeddings must both be L x D")
+        _need(key in header, f"missing tensor {key!r}")
+    dtype, lat = _entry(header, "latents")
+    _need(dtype in _FLOAT_CODES, f"latents have dtype {dtype}, not F32/F16")
+    _need(len(lat) == 4 and lat[0] == 1 and 1 <= lat[1] <= MAX_CHANNELS
+          and all(MIN_SIDE <= x <= MAX_SIDE for x in lat[2:]),
+          f"latents have shape {lat}, not 1 x C x h x w with C in 1..{MAX_CHANNELS} and h, w in "
+          f"{MIN_SIDE}..{MAX_SIDE}")
+    shapes = {}
+    for key in ("prompt_embeds", "negative_embeds"):
+        dtype, shapes[key] = _entry(header, key)
+        _need(dtype in _FLOAT_CODES, f"{key} have dtype {dtype}, not F32/F16")
+        shape = shapes[key]
+        _need(len(shape) == 2 and 1 <= shape[0] <= MAX_TOKENS and 1 <= shape[1] <= MAX_WIDTH,
+              f"{key} have shape {shape}, not L x D with L in 1..{MAX_TOKENS} and D in 1..{MAX_WIDTH}")
+    _need(shapes["prompt_embeds"] == shapes["negative_embeds"], "prompt_embeds and negative_embeds differ in shape")
+    for key in ("prompt_mask", "negative_mask"):
+        if key in header:
+            dtype, shape = _entry(header, key)
+            _need(dtype == "I64" and shape == shapes["prompt_embeds"][:1],
+                  f"{key} is not I64 of the embeddings' length {shapes['prompt_embeds'][0]}")
+    dtype, shape = _entry(header, "generator_state")
+    _need(dtype == "U8" and shape == (GENERATOR_STATE_BYTES,),
+          f"generator_state is not {GENERATOR_STATE_BYTES} bytes (U8)")
+    return lat
+
+
+STATIC_TENSORS = ("latents", "prompt_embeds", "negative_embeds", "generator_state", "prompt_mask", "negative_mask")
+
+
+def _load(data: bytes) -> Trajectory:
+    header, meta = _read_header(data)
+    meta = _check_meta(meta)
+    lat_shape = _check_static_tensors(header)
+    s, step_index = meta["scheduler"], meta["step_index"]
+    plan = schedulers.plan_restore(s["name"], s["config"], s["num_inference_steps"], s["state"],
+                                   step_index=step_index, sample_shape=lat_shape)
+    provenance = _check_provenance(meta["provenance"], step_index)
+    for key in header:
+        _need(key in STATIC_TENSORS or (key.startswith("sched.") and key[6:] in plan.tensors),
+              f"unexpected tensor {_show(key)}")
+    for key, (dtype, shape) in plan.tensors.items():
+        _need(f"sched.{key}" in header, f"missing tensor 'sched.{key}'")
+        code, got = _entry(header, f"sched.{key}")
+        codes = _FLOAT_CODES if dtype == torch.float32 else ("I64",)
+        _need(code in codes and got == shape, f"sched.{key} is {code} {got}, not {'/'.join(codes)} {shape}")
+    try:
+        tensors = st_load(bytes(data))
+    except SafetensorError as e:
+        raise TrajectoryError(f"not a readable trajectory (corrupt or truncated): {_first_line(e)}") from None
+    for key, v in list(tensors.items()):
+        if v.is_floating_point():
+            v = tensors[key] = v.float()
+            _need(bool(torch.isfinite(v).all()), f"{key} holds non-finite values")
+            _need(float(v.abs().max()) <= schedulers.MAX_VALUE, f"{key} holds values beyond "
+                  f"{schedulers.MAX_VALUE:g}")
     for key in ("prompt_mask", "negative_mask"):
         if key in tensors:
-            need(tensors[key].shape == emb.shape[:1], f"{key} does not match the embeddings' length")
-    need(tensors["generator_state"].dtype == torch.uint8, "generator_state is not a byte tensor")
+            _need(bool(((tensors[key] == 0) | (tensors[key] == 1)).all()), f"{key} holds values other than 0 and 1")
+    scheduler = schedulers.restore_planned(plan, {k[6:]: v for k, v in tensors.items() if k.startswith("sched.")})
+    generator = torch.Generator()
     try:
-        s = meta["scheduler"]
-        steps, step_index = int(s["num_inference_steps"]), int(meta["step_index"])
-        need(0 <= step_index <= steps, f"step index {step_index} outside 0..{steps}")
-        sched_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("sched.")}
-        scheduler = schedulers.restore(s["name"], s["config"], steps, sched_tensors, s["state"])
-        need(len(scheduler.timesteps) == steps, "the timestep schedule does not have num_inference_steps entries")
-        generator = torch.Generator()
         generator.set_state(tensors["generator_state"])
-        provenance = [Segment(**p) for p in meta.get("provenance", [])]
-    except TrajectoryError:
-        raise
-    except UserError as e:
-        raise TrajectoryError(f"invalid trajectory: {e}") from None
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        raise TrajectoryError(f"invalid trajectory: {type(e).__name__}: {_first_line(e)}") from None
+    except RuntimeError:
+        raise TrajectoryError("invalid trajectory: generator_state is not a valid RNG state") from None
     return Trajectory(
-        latents=lat, scheduler=scheduler, generator=generator, prompt_embeds=emb, negative_embeds=neg,
-        prompt_mask=tensors.get("prompt_mask"), negative_mask=tensors.get("negative_mask"),
-        guidance_scale=float(meta["guidance_scale"]), seed=int(meta["seed"]), step_index=step_index,
-        prompt=str(meta.get("prompt", "")), negative_prompt=str(meta.get("negative_prompt", "")),
-        provenance=provenance, degraded=bool(meta.get("degraded", False)),
+        latents=tensors["latents"], scheduler=scheduler, generator=generator, prompt_embeds=tensors["prompt_embeds"],
+        negative_embeds=tensors["negative_embeds"], prompt_mask=tensors.get("prompt_mask"),
+        negative_mask=tensors.get("negative_mask"), guidance_scale=float(meta["guidance_scale"]), seed=meta["seed"],
+        step_index=step_index, prompt=meta["prompt"], negative_prompt=meta["negative_prompt"],
+        provenance=provenance, degraded=meta["degraded"],
     )
+
+
+def _check_new(prompt_embeds, negative_embeds, prompt_mask, negative_mask, latent_shape, seed, guidance_scale,
+               prompt, negative_prompt) -> None:
+    """What new_trajectory refuses: anything the loader would refuse when the trajectory comes back."""
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
+            or not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE:
+        raise UserError(f"guidance scale must be a finite number in 0..{MAX_GUIDANCE:g}, not {_show(guidance_scale)}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not SEED_MIN <= seed <= SEED_MAX:
+        raise UserError(f"seed must be an integer in {SEED_MIN}..{SEED_MAX}, not {_show(seed)}")
+    if len(latent_shape) != 3 or not 1 <= latent_shape[0] <= MAX_CHANNELS \
+            or not all(MIN_SIDE <= x <= MAX_SIDE for x in latent_shape[1:]):
+        raise UserError(f"latent shape {tuple(latent_shape)} is not C x h x w with C in 1..{MAX_CHANNELS} and "
+                        f"h, w in {MIN_SIDE}..{MAX_SIDE}")
+    if prompt_embeds.dim() != 2 or prompt_embeds.shape != negative_embeds.shape \
+            or not 1 <= prompt_embeds.shape[0] <= MAX_TOKENS or not 1 <= prompt_embeds.shape[1] <= MAX_WIDTH:
+        raise UserError(f"prompt and negative embeddings must both be L x D with L in 1..{MAX_TOKENS} and D in "
+                        f"1..{MAX_WIDTH}; got {tuple(prompt_embeds.shape)} and {tuple(negative_embeds.shape)}")
+    for emb in (prompt_embeds, negative_embeds):
+        if not bool((torch.isfinite(emb) & (emb.abs() <= schedulers.MAX_VALUE)).all()):
+            raise UserError(f"the embeddings hold non-finite values or values beyond {schedulers.MAX_VALUE:g}")
+    for name, mask in (("prompt_mask", prompt_mask), ("negative_mask", negative_mask)):
+        if mask is not None and tuple(mask.shape) != tuple(prompt_embeds.shape[:1]):
+            raise UserError(f"{name} does not match the embeddings' length")
+    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        if not _is_text(text, MAX_PROMPT_CHARS):
+            raise UserError(f"the {name} must be text of at most {MAX_PROMPT_CHARS} characters")
 
 
 def new_trajectory(prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, *, latent_shape: tuple[int, int, int],
@@ -199,10 +392,12 @@ def new_trajectory(prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, *
                    prompt_mask: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None,
                    noise_schedule: dict | None = None, prompt: str = "", negative_prompt: str = "") -> Trajectory:
     """A trajectory at step 0: seeded noise scaled as StableDiffusionPipeline scales it."""
-    if steps < 1:
-        raise UserError(f"steps must be at least 1, not {steps}")
+    _check_new(prompt_embeds, negative_embeds, prompt_mask, negative_mask, latent_shape, seed, guidance_scale,
+               prompt, negative_prompt)
     sched = schedulers.make_scheduler(scheduler, noise_schedule, steps)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(int(seed))
     latents = randn_tensor((1, *latent_shape), generator=generator, dtype=torch.float32) * sched.init_noise_sigma
-    return Trajectory(latents, sched, generator, prompt_embeds.float(), negative_embeds.float(), prompt_mask,
-                      negative_mask, guidance_scale, seed, 0, prompt, negative_prompt)
+    return Trajectory(latents, sched, generator, prompt_embeds.float(), negative_embeds.float(),
+                      None if prompt_mask is None else prompt_mask.long(),
+                      None if negative_mask is None else negative_mask.long(), float(guidance_scale), int(seed), 0,
+                      prompt, negative_prompt)

@@ -15,7 +15,7 @@ import torch
 
 from ..core.plan import Plan, PlanSegment, check_plan
 from ..core.runner import advance, decode, to_pil
-from ..core.trajectory import Trajectory, new_trajectory
+from ..core.trajectory import Trajectory, TrajectoryError, new_trajectory
 from ..errors import UserError
 
 
@@ -39,6 +39,22 @@ def check_compatible(unets: dict, vae, context_dim: int | None) -> None:
     channels = {n: u.config.in_channels for n, u in unets.items()}
     if len(set(channels.values())) > 1:
         raise UserError(f"models in one plan must share latent channels; got {channels}")
+
+
+def check_trajectory(traj: Trajectory, unet, model: str) -> None:
+    """A TrajectoryError unless `unet` can run `traj`: its latent channels, its latent sides
+    (divisible by the U-Net's downsampling) and its context width."""
+    cfg = unet.config
+    channels, h, w = traj.latents.shape[1:]
+    if channels != cfg.in_channels:
+        raise TrajectoryError(f"trajectory has {channels} latent channels; model {model!r} takes {cfg.in_channels}")
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    if h % factor or w % factor:
+        raise TrajectoryError(f"trajectory latents are {h}x{w}; model {model!r} needs sides divisible by {factor}")
+    width = getattr(cfg, "encoder_hid_dim", None) or cfg.cross_attention_dim
+    if isinstance(width, int) and traj.prompt_embeds.shape[-1] != width:
+        raise TrajectoryError(f"trajectory embeddings are {traj.prompt_embeds.shape[-1]} wide; model {model!r} "
+                              f"cross-attends to width {width}")
 
 
 @dataclass
@@ -79,18 +95,21 @@ class HybridPipeline:
     def run(self, traj: Trajectory, plan: Plan, on_step: Callable[[str, int], None] | None = None) -> None:
         """Run the plan's segments in order, each with its own U-Net, on one trajectory."""
         check_plan(plan, traj.num_steps, traj.step_index)
-        for seg in plan:
-            if seg.model not in self.unets:
-                raise UserError(f"plan names model {seg.model!r} but only {', '.join(self.unets)} are loaded")
+        self.check(traj, plan)
         for seg in plan:
             self.run_segment(traj, seg, on_step)
 
+    def check(self, traj: Trajectory, plan: Plan) -> None:
+        """Refuse, before any step, a plan naming a model not loaded or one that cannot run `traj`."""
+        for seg in plan:
+            if seg.model not in self.unets:
+                raise UserError(f"plan names model {seg.model!r} but only {', '.join(self.unets)} are loaded")
+            check_trajectory(traj, self.unets[seg.model], seg.model)
+
     def run_segment(self, traj: Trajectory, seg: PlanSegment, on_step: Callable[[str, int], None] | None = None) -> None:
         """One segment: here with the model's U-Net, or wherever `elsewhere` sends that model's steps."""
+        self.check(traj, (seg,))
         unet = self.unets[seg.model]
-        if traj.latents.shape[1] != unet.config.in_channels:
-            raise UserError(f"trajectory has {traj.latents.shape[1]} latent channels; "
-                            f"model {seg.model!r} takes {unet.config.in_channels}")
         if seg.model not in self.elsewhere:
             advance(unet, [traj], seg.steps, seg.model,
                     on_step=(lambda k, m=seg.model: on_step(m, k)) if on_step else None)

@@ -1,8 +1,9 @@
 """The edge's side of the wire: ask the cloud for a trajectory, retrying what may pass.
 
-Transport failures, timeouts, 5xx answers and corrupt bodies are retried with
-exponential backoff; when every try fails the caller gets `CloudUnavailable` and
-may fall back. A 4xx is the request's fault, so it is a one-line `UserError`.
+Transport failures, timeouts, 5xx answers and bodies that are corrupt or not the
+trajectory asked for are retried with exponential backoff; when every try fails the
+caller gets `CloudUnavailable` and may fall back. A 4xx is the request's fault, so it
+is a one-line `UserError`.
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import httpx
 
-from ..core.trajectory import Trajectory, TrajectoryError
+from ..core.trajectory import MAX_BYTES, Trajectory, TrajectoryError
 from ..errors import UserError
 from .schemas import one_line
+
+
+MAX_ERROR_BYTES = 64 * 1024
 
 
 class CloudUnavailable(Exception):
@@ -69,8 +74,13 @@ class CloudClient:
     def close(self) -> None:
         self._http.close()
 
-    def trajectory(self, request: dict) -> tuple[Trajectory, Handoff]:
-        """POST /v1/trajectories with `request` (see schemas.TrajectoryRequest); the answer, parsed."""
+    def trajectory(self, request: dict,
+                   check: Callable[[Trajectory], None] | None = None) -> tuple[Trajectory, Handoff]:
+        """POST /v1/trajectories with `request` (see schemas.TrajectoryRequest); the answer, parsed.
+
+        An answer that does not load, or that `check` refuses with a TrajectoryError (not
+        the trajectory asked for), counts as a failed try, like a 5xx.
+        """
         try:
             body = json.dumps(request, allow_nan=False).encode()
         except ValueError:
@@ -81,34 +91,60 @@ class CloudClient:
                 time.sleep(self.backoff * 2 ** (attempt - 2))
             start = time.perf_counter()
             try:
-                r = self._http.post(f"{self.url}/v1/trajectories", content=body,
-                                    headers={"Content-Type": "application/json"})
+                r, content = self._post(body)
             except httpx.TransportError as e:
                 problem = f"{type(e).__name__}: {one_line(str(e)) or 'no detail'}"
                 continue
             if r.status_code >= 500:
-                problem = f"HTTP {r.status_code}: {_reason(r)}"
+                problem = f"HTTP {r.status_code}: {_reason(r, content)}"
                 continue
             if r.status_code >= 400:
-                raise UserError(f"the cloud refused the request (HTTP {r.status_code}): {_reason(r)}")
+                raise UserError(f"the cloud refused the request (HTTP {r.status_code}): {_reason(r, content)}")
             received = time.perf_counter()
+            if content is None:
+                problem = f"corrupt answer: more than the {MAX_BYTES} bytes any trajectory takes"
+                continue
             try:
-                traj = Trajectory.from_bytes(r.content)
+                traj = Trajectory.from_bytes(content)
             except TrajectoryError as e:
                 problem = f"corrupt answer: {e}"
                 continue
-            return traj, Handoff(len(body), len(r.content), received - start,
+            try:
+                if check is not None:
+                    check(traj)
+            except TrajectoryError as e:
+                problem = f"unusable answer: {e}"
+                continue
+            return traj, Handoff(len(body), len(content), received - start,
                                  _float(r.headers.get("X-Splitdiff-Server-Seconds")),
                                  _float(r.headers.get("X-Splitdiff-Serialize-Seconds")),
                                  time.perf_counter() - received, attempt)
         raise CloudUnavailable(f"{self.url} failed {self.tries} tries; last: {problem}")
 
+    def _post(self, body: bytes) -> tuple[httpx.Response, bytes | None]:
+        """The answer and its body, read only up to what any trajectory (or error) takes; None beyond."""
+        with self._http.stream("POST", f"{self.url}/v1/trajectories", content=body,
+                               headers={"Content-Type": "application/json"}) as r:
+            limit = MAX_BYTES if r.status_code < 400 else MAX_ERROR_BYTES
+            declared = r.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limit:
+                return r, None
+            chunks, size = [], 0
+            for chunk in r.iter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    return r, None
+                chunks.append(chunk)
+            return r, b"".join(chunks)
 
-def _reason(r: httpx.Response) -> str:
+
+def _reason(r: httpx.Response, content: bytes | None) -> str:
+    if content is None:
+        return r.reason_phrase
     try:
-        return one_line(r.json()["error"])
-    except (ValueError, KeyError, TypeError):
-        return one_line(r.text[:200]) or r.reason_phrase
+        return one_line(json.loads(content)["error"])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return one_line(content[:200].decode("utf-8", "replace")) or r.reason_phrase
 
 
 def _float(text: str | None) -> float:

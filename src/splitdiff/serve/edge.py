@@ -2,22 +2,29 @@
 
 The cloud encodes the prompt and runs the first segment; the trajectory comes back
 with its embeddings, so the edge continues without encoding anything. When the cloud
-cannot be had, the edge runs those steps itself with its first model and marks the
-result degraded: the user still gets an image.
+cannot be had, or what it answers is not a trajectory this edge can finish (corrupt,
+not the one asked for, not for these models, or one that stops being finite), the
+edge runs those steps itself with its first model and marks the result degraded:
+the user still gets an image.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from ..core.plan import Plan, PlanSegment, check_plan
 from ..core.runner import advance
-from ..core.trajectory import Trajectory
+from ..core.trajectory import Trajectory, TrajectoryError
 from ..errors import UserError
 from ..hybrid.pipeline import HybridPipeline, latent_factor
 from .client import CloudClient, CloudUnavailable, Handoff
 
 OnStep = Callable[[str, int], None]
+
+
+class MismatchedAnswer(TrajectoryError):
+    """The cloud answered a valid trajectory, but not the one asked for or not one this edge can continue."""
 
 
 def run_with_cloud(pipe: HybridPipeline, plan: Plan, client: CloudClient, prompt: str, *, negative_prompt: str = "",
@@ -30,21 +37,33 @@ def run_with_cloud(pipe: HybridPipeline, plan: Plan, client: CloudClient, prompt
     on_step = on_step or (lambda _m, _k: None)
     request = dict(model=cloud.model, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                    cloud_steps=cloud.steps, scheduler=scheduler, guidance=guidance, size=size, half=half)
-    try:
-        traj, handoff = client.trajectory(request)
-    except CloudUnavailable as e:
+
+    def check(traj: Trajectory) -> None:
+        _check_answer(traj, pipe, rest, steps=steps, cloud_steps=cloud.steps, scheduler=scheduler, size=size,
+                      seed=seed, guidance=guidance)
+
+    def here() -> Trajectory:
         local = rest[0].model
-        warn(f"cloud unavailable ({e}); running its {cloud.steps} steps here with {local!r}")
         traj = pipe.start(prompt, negative_prompt=negative_prompt, steps=steps, scheduler=scheduler, seed=seed,
                           guidance_scale=guidance, size=size)
         advance(pipe.unets[local], [traj], cloud.steps, local, on_step=lambda k: on_step(local, k))
         traj.degraded = True
-        handoff = None
-    else:
-        _check_answer(traj, pipe, steps=steps, cloud_steps=cloud.steps, scheduler=scheduler, size=size)
-        for k in range(cloud.steps):
-            on_step(cloud.model, k)
-    pipe.run(traj, rest, on_step)
+        pipe.run(traj, rest, on_step)
+        return traj
+
+    try:
+        traj, handoff = client.trajectory(request, check)
+    except CloudUnavailable as e:
+        warn(f"cloud unavailable ({e}); running its {cloud.steps} steps here with {rest[0].model!r}")
+        return here(), None
+    for k in range(cloud.steps):
+        on_step(cloud.model, k)
+    try:
+        pipe.run(traj, rest, on_step)
+    except TrajectoryError as e:
+        warn(f"cloud unavailable (its trajectory could not be finished here: {e}); running its {cloud.steps} "
+             f"steps here with {rest[0].model!r}")
+        return here(), None
     return traj, handoff
 
 
@@ -62,12 +81,20 @@ def split_plan(plan: Plan) -> tuple[PlanSegment, Plan]:
     return plan[0], plan[1:]
 
 
-def _check_answer(traj: Trajectory, pipe: HybridPipeline, *, steps: int, cloud_steps: int, scheduler: str,
-                  size: int) -> None:
+def _check_answer(traj: Trajectory, pipe: HybridPipeline, rest: Plan, *, steps: int, cloud_steps: int,
+                  scheduler: str, size: int, seed: int, guidance: float) -> None:
+    """A MismatchedAnswer unless `traj` is the trajectory asked for and the edge's models can run it."""
     side = size // latent_factor(pipe.vae)
-    wanted = {"step": cloud_steps, "steps": steps, "scheduler": scheduler, "latent side": side}
+    wanted = {"step": cloud_steps, "steps": steps, "scheduler": scheduler, "latent sides": (side, side),
+              "seed": seed}
     got = {"step": traj.step_index, "steps": traj.num_steps, "scheduler": traj.scheduler_name,
-           "latent side": traj.latents.shape[-1]}
+           "latent sides": tuple(traj.latents.shape[-2:]), "seed": traj.seed}
     wrong = [f"{k} {got[k]} (asked {wanted[k]})" for k in wanted if got[k] != wanted[k]]
+    if not math.isclose(traj.guidance_scale, guidance, rel_tol=1e-9, abs_tol=1e-12):
+        wrong.append(f"guidance {traj.guidance_scale:g} (asked {guidance:g})")
     if wrong:
-        raise UserError(f"the cloud's trajectory does not match the request: {', '.join(wrong)}")
+        raise MismatchedAnswer(f"the cloud's trajectory does not match the request: {', '.join(wrong)}")
+    try:
+        pipe.check(traj, rest)
+    except TrajectoryError as e:
+        raise MismatchedAnswer(f"the cloud's trajectory does not fit this edge: {e}") from None
