@@ -1,5 +1,6 @@
 """The command line as a user runs it: real processes, real files, one-line errors."""
 
+import json
 import subprocess
 import sys
 
@@ -28,6 +29,10 @@ def test_generate_two_model_plan_prints_cost_table(tmp_path, models):
     assert Image.open(out).size == (64, 64)
     for word in ("cloud", "edge", "decode", "share"):
         assert word in r.stdout
+    text = Image.open(out).text  # how it was made travels with the file
+    assert text["splitdiff.degraded"] == "false"
+    segments = json.loads(text["splitdiff.provenance"])["segments"]
+    assert [(s["model"], s["start"], s["end"]) for s in segments] == [("cloud", 0, 3), ("edge", 3, 8)]
 
 
 def test_save_state_then_resume_equals_one_run(tmp_path, models):

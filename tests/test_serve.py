@@ -33,6 +33,7 @@ from splitdiff.serve.auth import load_token
 from splitdiff.serve.client import CloudClient
 from splitdiff.serve.edge import run_with_cloud
 from splitdiff.serve.engine import Engine
+from splitdiff.serve.order import order_from
 from splitdiff.serve.scheduler import Busy, Job, Scheduler
 from splitdiff.serve.schemas import TrajectoryRequest
 from splitdiff.serve.server import Limits, ThreadedServer, build_app
@@ -168,18 +169,22 @@ class RecordingWorker:
     def __init__(self):
         self.calls = []
 
-    def prefill(self, req):
-        return types.SimpleNamespace(step_index=0, prompt=req.prompt)
+    def prefill(self, order):
+        side = order.size // 4
+        return types.SimpleNamespace(step_index=0, prompt=order.prompt, latents=torch.zeros(1, 4, side, side),
+                                     prompt_embeds=torch.zeros(3, 8))
 
     def step(self, trajs):
         self.calls.append([(t.prompt, t.step_index) for t in trajs])
-        for t in trajs:
-            t.step_index += 1
-        return 0.001
+        failures = {i: UserError(f"{t.prompt} cannot step") for i, t in enumerate(trajs) if "bad" in t.prompt}
+        for i, t in enumerate(trajs):
+            t.step_index += i not in failures
+        return 0.001, failures
 
 
-def _req(name, cloud_steps):
-    return TrajectoryRequest(prompt=name, steps=cloud_steps, cloud_steps=cloud_steps)
+def _req(name, cloud_steps, size=16):
+    return order_from(TrajectoryRequest(prompt=name, steps=cloud_steps, cloud_steps=cloud_steps, size=size),
+                      (4, size // 4, size // 4), (3, 8))
 
 
 def _iterate(engine):
@@ -222,10 +227,57 @@ def test_engine_failure_answers_the_batch_and_keeps_serving():
     job = engine.submit(_req("a", 1))
     _iterate(engine)
     assert "failed" in str(job.future.exception())
+    assert not engine.scheduler.has_work and engine.scheduler.held_bytes == 0
     worker.step = RecordingWorker.step.__get__(worker)
     ok = engine.submit(_req("b", 1))
     _iterate(engine)
     assert ok.future.result().step_index == 1
+
+
+def test_work_that_cannot_share_a_call_runs_in_calls_of_its_own():
+    worker = RecordingWorker()
+    engine = Engine(worker, max_batch=8)
+    jobs = [engine.submit(_req(name, 2, size)) for name, size in (("a", 16), ("b", 32), ("c", 16), ("d", 48))]
+    _iterate(engine)
+    _iterate(engine)
+    assert sorted(map(sorted, worker.calls[:3])) == [[("a", 0), ("c", 0)], [("b", 0)], [("d", 0)]]
+    assert all(j.future.result().step_index == 2 for j in jobs) and len(worker.calls) == 6
+
+
+def test_one_requests_failure_fails_that_request_alone():
+    worker = RecordingWorker()
+    engine = Engine(worker, max_batch=8)
+    good, bad = engine.submit(_req("good", 2)), engine.submit(_req("bad", 2))
+    _iterate(engine)
+    assert isinstance(bad.future.exception(), UserError) and not good.future.done()
+    _iterate(engine)
+    assert good.future.result().step_index == 2
+
+    def crash_on_bad(trajs):  # the shared call itself fails: each then runs alone
+        if any("bad" in t.prompt for t in trajs):
+            raise RuntimeError("boom")
+        return RecordingWorker.step(worker, trajs)
+
+    worker.step = crash_on_bad
+    good, bad = engine.submit(_req("good", 1)), engine.submit(_req("bad", 1))
+    _iterate(engine)
+    assert good.future.result().step_index == 1 and "failed" in str(bad.future.exception())
+
+
+def test_the_queue_is_bounded_by_bytes_and_cancelled_work_frees_them():
+    order = _req("a", 1, size=64)
+    s = Scheduler(max_batch=1, max_waiting=100, max_bytes=3 * order.nbytes)
+    jobs = [Job(_req(str(i), 1, size=64)) for i in range(4)]
+    for job in jobs[:3]:
+        s.add(job)
+    with pytest.raises(Busy, match="MiB budget"):
+        s.add(jobs[3])
+    jobs[1].future.cancel()
+    s.cancel(jobs[1])
+    assert s.held_bytes == 2 * order.nbytes and jobs[1].order.prompt_embeds is None
+    s.add(jobs[3])
+    s.drain()
+    assert s.held_bytes == 0
 
 
 def test_a_dead_engine_loop_answers_what_it_held_and_refuses_more():
@@ -299,7 +351,7 @@ class FaultyWorker:
         self.name = worker.name
 
     def check(self, req):
-        self.worker.check(req)
+        return self.worker.check(req)
 
     def prefill(self, req):
         return self.worker.prefill(req)
@@ -376,8 +428,8 @@ ROW = [0.0] * 384
      "8 wide; the model takes 384"),
     ({"prompt_embeds": [ROW], "negative_embeds": [ROW], "prompt_mask": [1, 1], "steps": 2, "cloud_steps": 1}, 422,
      "prompt_mask has 2 entries"),
-    ([1, 2, 3], 422, "valid dictionary"),
-    ("just a string", 422, "valid dictionary"),
+    ([1, 2, 3], 422, "send a JSON object"),
+    ("just a string", 422, "send a JSON object"),
     (None, 422, "needs a JSON object body"),
 ])
 def test_bad_requests_get_a_one_line_4xx(http, body, status, words):
@@ -394,7 +446,7 @@ def test_bad_requests_get_a_one_line_4xx(http, body, status, words):
     (b"null", {"Content-Type": "application/json"}, 422, "send a JSON object"),
     (b'{"prompt": "x"}', {"Content-Type": "text/plain"}, 422, "Content-Type: application/json"),
     (b"\xff\xfe\x00garbage", {"Content-Type": "application/json"}, 422, ""),
-    (b"[" * 100_000, {"Content-Type": "application/json"}, 400, ""),
+    (b"[" * 100_000, {"Content-Type": "application/json"}, 422, "recursion limit"),
     (b"x" * 1_000_001, {"Content-Type": "application/json"}, 413, "exceeds 1000000 bytes"),
     (iter([b"x" * 600_000, b"x" * 600_000]), {"Content-Type": "application/json"}, 413, "exceeds"),
 ])

@@ -5,12 +5,14 @@ User mistakes (UserError) print one line and exit 2; nothing is written on error
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from .cli_options import MAX_STEPS, SEED_MAX, SEED_MIN, check_guidance, check_output, finite
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -21,11 +23,19 @@ app.add_typer(train_app, name="train")
 app.add_typer(bench_app, name="bench")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# The trainers' time budget (typer takes one OptionInfo as the default of several commands).
+MAX_MINUTES = typer.Option(None, min=0.0, callback=finite, help="Stop (resumably) after this many minutes.")
 
 
 def _check_out(out: Path) -> None:
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"--out {out} must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    check_output(out, "--out")
+
+
+def _check_decoder(decoder: str) -> None:
+    if decoder not in ("full", "tiny"):
+        raise UserError(f"--decoder must be full or tiny, not {decoder!r}")
 
 
 def _progress(plan_total: int):
@@ -52,28 +62,40 @@ def _pipeline_for(plan, model: list[str] | None, vae: Optional[str], decoder: st
     return load_pipeline(sources, vae)
 
 
-def _finish(pipe, traj, out: Path, extra: dict | None = None) -> None:
+def _image_text(traj) -> dict[str, str]:
+    """PNG text chunks that say how the image was made, so a degraded one stays marked once on disk."""
+    made = {"prompt": traj.prompt, "negative_prompt": traj.negative_prompt, "seed": traj.seed,
+            "scheduler": traj.scheduler_name, "steps": traj.num_steps, "guidance": traj.guidance_scale,
+            "degraded": traj.degraded, "segments": [vars(s) for s in traj.provenance]}
+    return {"splitdiff.degraded": "true" if traj.degraded else "false", "splitdiff.provenance": json.dumps(made)}
+
+
+def _finish(pipe, traj, out: Path, extra: dict | None = None, strict: bool = False) -> None:
+    """Write the image; with `strict`, a degraded one (still written, and marked) exits 3."""
     from .hybrid.report import print_cost_table
     from .io import atomic_save_image
 
     image = pipe.decode(traj)
-    atomic_save_image(image, out)
+    atomic_save_image(image, out, text=_image_text(traj))
     rows = {"decode": f"{pipe.timings['decode']:.3f}"}
     rows.update(extra or {})
     print_cost_table(traj, rows)
     if traj.degraded:
         typer.echo("warning: degraded result (the cloud's steps ran locally)", err=True)
     typer.echo(f"wrote {out}")
+    if traj.degraded and strict:
+        raise typer.Exit(3)
 
 
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="A Shapes-world prompt (or any prompt for a real SD model)."),
     plan: str = typer.Option("cloud:10,edge:15", help="Step plan, e.g. cloud:10,edge:15."),
-    steps: int = typer.Option(25, min=1, max=1000, help="Total denoising steps; the plan must add up to it."),
+    steps: int = typer.Option(25, min=1, max=MAX_STEPS, help="Total denoising steps; the plan must add up to it."),
     scheduler: str = typer.Option("dpmsolver++", help="ddim, dpmsolver++, euler or euler-a."),
-    seed: int = typer.Option(0),
-    guidance: float = typer.Option(5.0, help="Classifier-free guidance scale (<= 1 disables it)."),
+    seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX),
+    guidance: float = typer.Option(5.0, callback=check_guidance,
+                                   help="Classifier-free guidance scale, 0..100 (<= 1 disables it)."),
     size: int = typer.Option(64, min=16, max=2048, help="Image side in pixels."),
     negative: str = typer.Option("", help="Negative prompt."),
     model: Optional[list[str]] = typer.Option(None, help="NAME=PATH: bind a plan name to a diffusers folder."),
@@ -85,8 +107,10 @@ def generate(
     half_state: bool = typer.Option(False, help="Store the saved state's tensors in fp16."),
     cloud_url: Optional[str] = typer.Option(None, help="A `splitdiff serve` URL: it runs the plan's first segment."),
     token: Optional[str] = typer.Option(None, envvar="SPLITDIFF_TOKEN", help="The cloud's bearer token."),
-    timeout: float = typer.Option(60.0, min=0.1, help="Seconds to wait for the cloud, per try."),
+    timeout: float = typer.Option(60.0, min=0.1, callback=finite, help="Seconds to wait for the cloud, per try."),
     half: bool = typer.Option(False, help="Ask the cloud for fp16 tensors (half the bytes, not bit-exact)."),
+    strict: bool = typer.Option(False, help="Exit with code 3 when the result is degraded (the cloud's steps "
+                                "ran here); the image is still written, and marked."),
     parallel: Optional[str] = typer.Option(None, help="Run some segments patch-parallel: sync, distrifusion or pcpp."),
     ranks: Optional[int] = typer.Option(None, help="Local ranks for --parallel (default 2)."),
     parallel_models: Optional[str] = typer.Option(None, help="Plan models run with --parallel, comma-separated "
@@ -106,14 +130,15 @@ def generate(
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if save_state is None:
         _check_out(out)
+    else:
+        check_output(save_state, "--save-state")
     decoder = decoder or ("tiny" if cloud_url and _tiny_decoder_installed() else "full")
-    if decoder not in ("full", "tiny"):
-        raise UserError(f"--decoder must be full or tiny, not {decoder!r}")
+    _check_decoder(decoder)
     if cloud_url:
         if save_state or patch:
             raise UserError(f"{'--save-state' if save_state else '--parallel'} and --cloud-url do not go together")
         return _generate_with_cloud(parsed, prompt, cloud_url, token, timeout, half, model, vae, decoder, out,
-                                    negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
+                                    strict, negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
                                     guidance=guidance, size=size)
     pipe = _pipeline_for(parsed, model, vae, decoder)
     traj = pipe.start(prompt, negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
@@ -143,7 +168,8 @@ def _tiny_decoder_installed() -> bool:
     return (WEIGHTS_DIR / "tiny-decoder" / "config.json").exists()
 
 
-def _generate_with_cloud(plan, prompt, url, token, timeout, half, model, vae, decoder, out, **params) -> None:
+def _generate_with_cloud(plan, prompt, url, token, timeout, half, model, vae, decoder, out, strict,
+                         **params) -> None:
     """The plan's first segment on the cloud, the rest here; the cloud's steps run here if it cannot be had."""
     from .serve.client import CloudClient
     from .serve.edge import handoff_rows, run_with_cloud, split_plan
@@ -155,7 +181,7 @@ def _generate_with_cloud(plan, prompt, url, token, timeout, half, model, vae, de
     with client, bar:
         traj, handoff = run_with_cloud(pipe, plan, client, prompt, half=half, on_step=on_step,
                                        warn=lambda m: bar.write(f"warning: {m}", file=sys.stderr), **params)
-    _finish(pipe, traj, out, handoff_rows(handoff))
+    _finish(pipe, traj, out, handoff_rows(handoff), strict)
 
 
 @app.command()
@@ -168,7 +194,12 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535),
     max_batch: int = typer.Option(8, min=1, max=256, help="Trajectories per U-Net call."),
     max_waiting: int = typer.Option(256, min=1, help="Queued requests beyond which the server answers 503."),
-    max_steps: int = typer.Option(1000, min=1, max=1000, help="Largest total steps a request may ask for."),
+    max_queue_mb: int = typer.Option(512, min=1, help="MiB that waiting and running work may hold (embeddings, "
+                                     "latents) beyond which the server answers 503."),
+    max_connections: int = typer.Option(1024, min=1, help="Open connections beyond which new ones are closed."),
+    header_timeout: float = typer.Option(5.0, min=0.1, max=3600, help="Seconds a connection has to send a "
+                                         "request's headers before it is closed."),
+    max_steps: int = typer.Option(MAX_STEPS, min=1, max=MAX_STEPS, help="Largest total steps a request may ask for."),
     max_size: int = typer.Option(256, min=16, max=2048, help="Largest image side a request may ask for."),
     token_file: Optional[Path] = typer.Option(None, help="Bearer token file (else $SPLITDIFF_TOKEN; neither: open)."),
     log_level: str = typer.Option("info", help="critical, error, warning, info or debug."),
@@ -181,7 +212,8 @@ def serve(
     from .serve.auth import load_token
     from .serve.server import Limits, build_app, run
 
-    limits = Limits(max_batch, max_waiting, max_steps, max_size)
+    limits = Limits(max_batch, max_waiting, max_steps, max_size, max_queue_bytes=max_queue_mb * 1024 * 1024,
+                    max_connections=max_connections, header_timeout=header_timeout)
     run(build_app(model, name=name, vae=vae, token=load_token(token_file), limits=limits), host, port, log_level,
         limits)
 
@@ -192,22 +224,26 @@ def resume(
     plan: str = typer.Option(..., help="Plan for the remaining steps, e.g. edge:15."),
     model: Optional[list[str]] = typer.Option(None, help="NAME=PATH: bind a plan name to a diffusers folder."),
     vae: Optional[str] = typer.Option(None),
-    decoder: str = typer.Option("full"),
+    decoder: str = typer.Option("full", help="full or tiny: which decoder when --vae is not given."),
     out: Path = typer.Option(Path("out.png")),
 ):
     """Continue a saved trajectory with another plan and write the image."""
     from .core.plan import check_plan, parse_plan
-    from .core.trajectory import Trajectory
+    from .core.trajectory import MAX_BYTES, Trajectory
 
     parsed = parse_plan(plan)
     _check_out(out)
+    _check_decoder(decoder)
     try:
+        if state.stat().st_size > MAX_BYTES:
+            raise UserError(f"{state} is {state.stat().st_size:,} bytes, more than any trajectory ({MAX_BYTES:,})")
         data = state.read_bytes()
     except OSError as e:
         raise UserError(f"cannot read {state}: {e.strerror}") from None
     traj = Trajectory.from_bytes(data)
     check_plan(parsed, traj.num_steps, traj.step_index)
     pipe = _pipeline_for(parsed, model, vae, decoder)
+    pipe.check(traj, parsed)  # refused before any progress is drawn
     bar, on_step = _progress(traj.remaining)
     with bar:
         pipe.run(traj, parsed, on_step)
@@ -225,7 +261,7 @@ def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo's outp
 @train_app.command("evaluator")
 def train_evaluator_cmd(
     run_dir: Path = typer.Option(Path("runs/evaluator")), steps: int = typer.Option(2500, min=1),
-    max_minutes: Optional[float] = typer.Option(None), out: Optional[Path] = typer.Option(None),
+    max_minutes: Optional[float] = MAX_MINUTES, out: Optional[Path] = typer.Option(None),
 ):
     """The attribute recognizer behind adherence and FSD."""
     from .eval.metrics import WEIGHTS
@@ -237,7 +273,7 @@ def train_evaluator_cmd(
 @train_app.command("vae")
 def train_vae_cmd(
     run_dir: Path = typer.Option(Path("runs/vae")), steps: int = typer.Option(4000, min=1),
-    max_minutes: Optional[float] = typer.Option(None), out: Optional[Path] = typer.Option(None),
+    max_minutes: Optional[float] = MAX_MINUTES, out: Optional[Path] = typer.Option(None),
 ):
     """The family's AutoencoderKL (4 latent channels, 4x downsampling)."""
     from .core.registry import WEIGHTS_DIR
@@ -249,7 +285,7 @@ def train_vae_cmd(
 @train_app.command("tiny-decoder")
 def train_tiny_decoder_cmd(
     run_dir: Path = typer.Option(Path("runs/tiny-decoder")), steps: int = typer.Option(8000, min=1),
-    max_minutes: Optional[float] = typer.Option(None), out: Optional[Path] = typer.Option(None),
+    max_minutes: Optional[float] = MAX_MINUTES, out: Optional[Path] = typer.Option(None),
 ):
     """A TAESD-style decoder distilled from the VAE's decoder."""
     from .core.registry import WEIGHTS_DIR
@@ -289,8 +325,8 @@ N128 = typer.Option(8000, min=0, help="Cached 128 px samples.")
 def train_unet_cmd(
     size: str = typer.Option("cloud", help="Which U-Net of the family (the edge one comes from `compress`)."),
     run_dir: Optional[Path] = typer.Option(None), steps: int = typer.Option(8000, min=1),
-    max_minutes: Optional[float] = typer.Option(None), out: Optional[Path] = typer.Option(None),
-    device: str = DEVICE, lr: float = typer.Option(4e-4, min=0.0), batch_size: int = BATCH_SIZE,
+    max_minutes: Optional[float] = MAX_MINUTES, out: Optional[Path] = typer.Option(None),
+    device: str = DEVICE, lr: float = typer.Option(4e-4, min=0.0, callback=finite), batch_size: int = BATCH_SIZE,
     batch_size_128: Optional[int] = BATCH_SIZE_128, quarters_128: int = QUARTERS_128, n64: int = N64, n128: int = N128,
 ):
     """The cloud U-Net on cached 64 px and 128 px latents."""
@@ -307,9 +343,9 @@ def train_unet_cmd(
 @app.command()
 def compress(
     teacher: str = typer.Option("cloud"), run_dir: Path = typer.Option(Path("runs/edge")),
-    steps: int = typer.Option(4000, min=1), max_minutes: Optional[float] = typer.Option(None),
+    steps: int = typer.Option(4000, min=1), max_minutes: Optional[float] = MAX_MINUTES,
     out: Optional[Path] = typer.Option(None),
-    device: str = DEVICE, lr: float = typer.Option(5e-4, min=0.0), batch_size: int = BATCH_SIZE,
+    device: str = DEVICE, lr: float = typer.Option(5e-4, min=0.0, callback=finite), batch_size: int = BATCH_SIZE,
     batch_size_128: Optional[int] = BATCH_SIZE_128, quarters_128: int = QUARTERS_128, n64: int = N64, n128: int = N128,
 ):
     """The edge U-Net: structurally pruned from the cloud one, then distilled."""
@@ -323,7 +359,7 @@ def compress(
 @bench_app.command("hybrid")
 def bench_hybrid_cmd(
     out: Path = typer.Option(Path("docs/bench/hybrid")), prompts: int = typer.Option(500, min=10),
-    size: int = typer.Option(64), guidance: float = typer.Option(5.0),
+    size: int = typer.Option(64), guidance: float = typer.Option(5.0, callback=check_guidance, help="0..100."),
     device: str = typer.Option("cpu", help="Where the U-Nets and decoders run: cpu or cuda[:N]."),
 ):
     """The Hybrid SD table: quality and cost for each cloud/edge split of 25 steps."""
@@ -340,10 +376,10 @@ def bench_serve_cmd(
     edge_model: Optional[str] = typer.Option(None, help="The edge U-Net of the end-to-end runs (default: edge for cloud, else --model)."),
     out: Path = typer.Option(Path("docs/bench/serve")),
     clients: str = typer.Option("1,4,16,32", help="Concurrent clients to measure, comma-separated."),
-    seconds: float = typer.Option(20.0, min=1, help="Seconds of load per measured point."),
-    load_seconds: float = typer.Option(60.0, min=1, help="Duration of the 32-client load run."),
+    seconds: float = typer.Option(20.0, min=1, callback=finite, help="Seconds of load per measured point."),
+    load_seconds: float = typer.Option(60.0, min=1, callback=finite, help="Duration of the 32-client load run."),
     max_batch: int = typer.Option(32, min=2, help="Batch limit of the batching server."),
-    steps: int = typer.Option(25, min=1), cloud_steps: int = typer.Option(10, min=1),
+    steps: int = typer.Option(25, min=1, max=MAX_STEPS), cloud_steps: int = typer.Option(10, min=1, max=MAX_STEPS),
     size: int = typer.Option(64, min=16),
 ):
     """Throughput and latency of `serve` under 1..32 clients, batching on vs off, and a load run."""
@@ -351,6 +387,20 @@ def bench_serve_cmd(
 
     bench_serve(out, model=model, vae=vae, edge_model=edge_model, clients=clients, seconds=seconds,
                 load_seconds=load_seconds, max_batch=max_batch, steps=steps, cloud_steps=cloud_steps, size=size)
+
+
+@bench_app.command("queue-memory")
+def bench_queue_memory_cmd(
+    model: str = typer.Option("cloud", help="The served U-Net: a registry name or a diffusers folder."),
+    vae: Optional[str] = typer.Option(None, help="The VAE that fixes latent shapes (default: the server's)."),
+    out: Path = typer.Option(Path("docs/bench/queue_memory")),
+    requests: int = typer.Option(128, min=1, max=1000, help="Largest-embeddings requests to queue."),
+    budget_mb: int = typer.Option(512, min=1, help="The server's --max-queue-mb."),
+):
+    """The server's memory with its queue full of the largest requests, and after they are cancelled."""
+    from .bench.queue_memory import bench_queue_memory
+
+    bench_queue_memory(out, model=model, vae=vae, requests=requests, budget_mib=budget_mb)
 
 
 @bench_app.command("family")
@@ -395,20 +445,34 @@ def _quiet_libraries() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def _one_line(e: Exception) -> str:
+    """A usage error as one line, with where to look for help; typer would print a usage block."""
+    message = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
+
+
 def main() -> None:
-    import click
+    # typer 0.29 raises its bundled copy of click's exceptions (typer._click), never click's own.
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
     _quiet_libraries()
     try:
-        code = app(standalone_mode=False)  # an int when a command raised typer.Exit
+        code = app(prog_name="splitdiff", standalone_mode=False)  # an int when a command raised typer.Exit
     except UserError as e:
         typer.echo(f"splitdiff: error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("splitdiff: aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except NoArgsIsHelpError as e:  # `splitdiff`, `splitdiff train`: the help, as a usage error
+        if e.format_message():  # empty when rich has already printed the help
+            typer.echo(e.format_message())
+        sys.exit(e.exit_code)
+    except ClickException as e:
+        typer.echo(f"splitdiff: error: {_one_line(e)}", err=True)
         sys.exit(e.exit_code)
     if isinstance(code, int) and code:
         sys.exit(code)

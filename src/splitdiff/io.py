@@ -33,13 +33,44 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def atomic_save_image(img, path: str | os.PathLike) -> None:
+def atomic_save_image(img, path: str | os.PathLike, text: dict[str, str] | None = None) -> None:
+    """`text` goes into a PNG's text chunks (how the image was made); other formats leave it out."""
     import io
 
     buf = io.BytesIO()
     fmt = (Path(path).suffix.lstrip(".") or "png").upper()
-    img.save(buf, format="JPEG" if fmt == "JPG" else fmt)
+    extra = {}
+    if fmt == "PNG" and text:
+        from PIL.PngImagePlugin import PngInfo
+
+        extra["pnginfo"] = info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)  # iTXt when the value is not Latin-1
+    img.save(buf, format="JPEG" if fmt == "JPG" else fmt, **extra)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why `path` could not be written later (None if it could), found now without leaving anything behind.
+
+    Lets a command refuse a bad output path before hours of work rather than after.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory"
+    folder = path.parent
+    try:
+        while not folder.exists():  # atomic_write_bytes creates missing folders: the nearest existing one decides
+            folder = folder.parent
+    except OSError as e:
+        return f"cannot look at {folder}: {e.strerror}"
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # unnamed where the OS allows it, else removed at once
+    except OSError as e:
+        return f"cannot create files in {folder}: {e.strerror}"
+    return None
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:

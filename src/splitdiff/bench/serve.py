@@ -35,14 +35,14 @@ LOAD_CLIENTS = 32
 class ServerProcess:
     """`splitdiff serve` in a child process on a free loopback port."""
 
-    def __init__(self, model: str, vae: str | None, max_batch: int, log: Path):
+    def __init__(self, model: str, vae: str | None, max_batch: int, log: Path, extra: tuple[str, ...] = ()):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "splitdiff", "serve", "--model", model, "--port", str(self.port),
                "--max-batch", str(max_batch), "--max-waiting", "1024", "--log-level", "warning"]
-        self.cmd = cmd + (["--vae", vae] if vae else [])
+        self.cmd = cmd + (["--vae", vae] if vae else []) + list(extra)
         self.log = log
 
     def __enter__(self) -> "ServerProcess":

@@ -16,6 +16,7 @@ from typing import Optional
 
 import typer
 
+from ..cli_options import MAX_STEPS, SEED_MAX, SEED_MIN, check_guidance, check_output, finite
 from ..core.plan import format_plan
 from ..errors import UserError
 from .context import MODES, Options
@@ -38,18 +39,19 @@ def parallel(
     unet: str = typer.Option("cloud", help="U-Net: a registry name or a diffusers folder."),
     tiny: bool = typer.Option(False, help="Use a random tiny U-Net (and VAE), for smoke runs."),
     latent_size: int = typer.Option(32, min=1, help="Latent side (image side / the VAE's factor)."),
-    steps: int = typer.Option(20, min=1),
+    steps: int = typer.Option(20, min=1, max=MAX_STEPS),
     scheduler: str = typer.Option("ddim", help="ddim, dpmsolver++, euler or euler-a."),
-    guidance: float = typer.Option(5.0, help="Classifier-free guidance scale."),
+    guidance: float = typer.Option(5.0, callback=check_guidance, help="Classifier-free guidance scale, 0..100."),
     negative: str = typer.Option("", help="Negative prompt."),
-    seed: int = typer.Option(0),
-    band: float = typer.Option(0.3, help="PCPP: fraction of each neighbour's patch seen."),
+    seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX),
+    band: float = typer.Option(0.3, callback=finite, help="PCPP: fraction of each neighbour's patch seen."),
     warmup: int = typer.Option(4, min=0, help="Synchronous steps before exchanges go stale."),
     groupnorm: str = typer.Option("sync", help="sync, or async (DistriFusion's corrected stale statistics)."),
     split_cfg: bool = typer.Option(False, help="Even rank counts: guidance halves on two rank groups."),
     vae: Optional[str] = typer.Option(None, help="VAE for image output (default: the family's 'vae')."),
     out: Path = typer.Option(Path("parallel.safetensors"), help="Latents (.safetensors) or an image (.png)."),
-    timeout: float = typer.Option(120.0, help="Seconds a rank waits on another before the run fails."),
+    timeout: float = typer.Option(120.0, min=0.1, callback=finite,
+                                  help="Seconds a rank waits on another before the run fails."),
 ) -> None:
     """Generate with the U-Net's steps cut into row patches across ranks."""
     from .launch import RankFailure, launch
@@ -65,6 +67,7 @@ def parallel(
     )  # fmt: skip
     if out.suffix.lower() not in IMAGE_SUFFIXES + (".safetensors",):
         raise UserError(f"--out {out} must end in .safetensors or one of {', '.join(IMAGE_SUFFIXES)}")
+    check_output(out, "--out")
 
     if _under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
@@ -93,7 +96,7 @@ def bench(
     latent_size: int = typer.Option(32, min=1, help="Latent side."),
     ranks: str = typer.Option("1,2,4,8", help="Rank counts, comma-separated."),
     modes: str = typer.Option("sync,distrifusion,pcpp", help="Modes, comma-separated; MODE:async for async GroupNorm."),
-    steps: int = typer.Option(20, min=1),
+    steps: int = typer.Option(20, min=1, max=MAX_STEPS),
     prompts: int = typer.Option(8, min=1, help="Prompts in the batch (the evaluation set's first ones)."),
     vae: Optional[str] = typer.Option(None, help="VAE: PSNR and adherence on decoded images, and an image grid."),
     out_dir: Path = typer.Option(Path("bench/parallel"), help="Where the CSV and PNGs go."),

@@ -7,6 +7,7 @@ cut into patches and gathered back. The CLI and the benchmark run this on each r
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,6 +121,8 @@ def write(job: Job, latents: torch.Tensor) -> None:
     if Path(job.out).suffix.lower() in IMAGE_SUFFIXES:
         from ..core.runner import decode, to_pil
 
-        atomic_save_image(to_pil(decode(load_vae(job.vae), latents[:1]))[0], job.out)
+        made = json.dumps({"job": asdict(job), "degraded": False})  # as `generate` marks its images
+        atomic_save_image(to_pil(decode(load_vae(job.vae), latents[:1]))[0], job.out,
+                          text={"splitdiff.degraded": "false", "splitdiff.provenance": made})
     else:
         save_tensors(job.out, {"latents": latents}, meta={"job": asdict(job)})

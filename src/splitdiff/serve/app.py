@@ -16,11 +16,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPBearer
+from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from ..core.schedulers import SCHEDULERS
 from ..errors import UserError
 from .auth import BearerAuth
 from .body import BodyLimit
@@ -38,7 +40,8 @@ TRAJECTORY_RESPONSE = {200: {"description": "The trajectory after `cloud_steps` 
                                                                                  "format": "binary"}}}}}
 
 
-def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               body_timeout: float = 30.0) -> FastAPI:
     """The app around a (not yet started) engine; the app's lifespan starts and stops it."""
 
     @asynccontextmanager
@@ -55,17 +58,20 @@ def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = M
     auth = [Security(HTTPBearer(auto_error=False))] if token else []  # documents the scheme; BearerAuth enforces
 
     @app.post("/v1/trajectories", response_class=Response, responses={**TRAJECTORY_RESPONSE, **ERROR_RESPONSES},
-              dependencies=auth)
-    async def create_trajectory(req: TrajectoryRequest, request: Request) -> Response:
-        """Encode the prompt, run `cloud_steps` steps on the served model, answer the serialized trajectory."""
+              dependencies=auth, openapi_extra=REQUEST_BODY)
+    async def create_trajectory(request: Request) -> Response:
+        """Encode the prompt, run `cloud_steps` steps on the served model, answer the serialized trajectory.
+
+        The body is TrajectoryRequest as JSON (see the schema).
+        """
         start = time.perf_counter()
-        engine.worker.check(req)
-        job = engine.submit(req)
+        order = engine.worker.check(await _parse(request))  # the request's lists are gone after this line
+        job = engine.submit(order)
         traj = await _result(request, job.future)
         if traj is None:
             return error_response(499, "client closed the request")  # nobody reads it; counted in metrics
         ready = time.perf_counter()
-        data = await run_in_threadpool(traj.to_bytes, req.half)
+        data = await run_in_threadpool(traj.to_bytes, order.half)
         seconds = time.perf_counter() - start
         metrics.request_seconds.observe(seconds)
         return Response(data, media_type="application/octet-stream", headers={
@@ -79,11 +85,13 @@ def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = M
     @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorBody}})
     def healthz():
         """Liveness of the engine, and its load."""
-        if not engine.alive:
-            return error_response(503, "the engine is not running")
+        if not engine.alive or engine.stopping:
+            return error_response(503, "the engine is not running", {"Retry-After": "1"})
         waiting, running = engine.load()
         return Health(status="ok", model=engine.worker.name, max_batch=engine.scheduler.max_batch,
                       waiting=waiting, running=running)
+
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metrics", response_class=Response)
     def prometheus():
@@ -91,23 +99,83 @@ def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = M
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     _add_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    _document_request_body(app, engine.worker)
+    app.router.redirect_slashes = False  # a redirect would echo the Host header into Location
+    app.state.engine = engine
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout=body_timeout, metrics=metrics)
     if token:
         app.add_middleware(BearerAuth, token=token)
     app.add_middleware(CountStatuses, metrics=metrics)  # outermost: sees every answer
     return app
 
 
+REQUEST_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/TrajectoryRequest"}}}}}
+
+
+def request_schema(worker) -> dict:
+    """TrajectoryRequest's JSON schema with this server's own limits, and its one-of rule."""
+    schema = TrajectoryRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    props = schema["properties"]
+    props["steps"]["maximum"] = props["cloud_steps"]["maximum"] = worker.max_steps
+    props["size"]["maximum"] = worker.max_size
+    props["size"]["multipleOf"] = worker.factor
+    props["scheduler"]["enum"] = list(SCHEDULERS)
+    schema["oneOf"] = [{"required": ["prompt"], "not": {"required": ["prompt_embeds"]}},
+                       {"required": ["prompt_embeds", "negative_embeds"], "not": {"required": ["prompt"]}}]
+    return schema
+
+
+def _document_request_body(app: FastAPI, worker) -> None:
+    """The route parses its own body (see `_parse`); the schema still documents it."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = build()
+            spec.setdefault("components", {}).setdefault("schemas", {})["TrajectoryRequest"] = request_schema(worker)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+async def _parse(request: Request) -> TrajectoryRequest:
+    """The body as a TrajectoryRequest, parsed straight from its bytes.
+
+    pydantic's JSON parser builds the model without an intermediate dict, and nothing
+    here caches the bytes on the request (as `request.json()` would): once the route
+    has turned the request into an order, its JSON is garbage.
+    """
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    raw = b"".join([chunk async for chunk in request.stream()])
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise UserError("the body must be a JSON object (send a JSON object with Content-Type: application/json)")
+    if not raw.strip():
+        raise UserError("the request needs a JSON object body")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"the body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        return TrajectoryRequest.model_validate_json(raw)
+    except ValidationError as e:
+        raise UserError(validation_message(e)) from None
+
+
 async def _result(request: Request, future: Future, poll: float = 0.25):
     """The job's trajectory; None if the client went away first (its job is cancelled, freeing its place)."""
     waiting = asyncio.wrap_future(future)
-    while True:
-        done, _ = await asyncio.wait({waiting}, timeout=poll)
-        if done:
-            return waiting.result()
-        if await request.is_disconnected():
-            waiting.cancel()
-            return None
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=poll)
+            if done:
+                return waiting.result()
+            if await request.is_disconnected():
+                waiting.cancel()
+                return None
+    except asyncio.CancelledError:  # the server is going away: free the job's place before leaving
+        waiting.cancel()
+        raise
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -135,7 +203,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, internal_error)
 
 
-def validation_message(exc: RequestValidationError) -> str:
+def validation_message(exc: RequestValidationError | ValidationError) -> str:
     """Pydantic's first complaint as `field: reason`, without echoing the input."""
     errors = exc.errors()
     first = errors[0]
@@ -147,7 +215,7 @@ def validation_message(exc: RequestValidationError) -> str:
         reason = first.get("msg", "invalid").removeprefix("Value error, ")
         if not where and first.get("type") == "missing":
             reason = "the request needs a JSON object body"
-        elif not where and first.get("type") in ("model_attributes_type", "dict_type"):
+        elif not where and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
             reason += " (send a JSON object with Content-Type: application/json)"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return one_line(f"{where}: {reason}{more}" if where else f"{reason}{more}")

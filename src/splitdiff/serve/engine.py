@@ -2,21 +2,29 @@
 
 Each iteration asks the scheduler for the batch, gives newly admitted requests their
 trajectory (prompt encoding happens here, on the thread that owns the models), runs
-one U-Net call for the whole batch, and hands finished trajectories back at once.
-A request that arrives mid-flight joins at the next call, at its own step index.
-Requests talk to the engine only through `submit` and the future it returns.
+the batch's steps and hands finished trajectories back at once. A request that
+arrives mid-flight joins at the next call, at its own step index.
+
+Work that cannot share one U-Net call (other latent or embedding shapes) runs in a
+call of its own in the same iteration, and a failure is confined to the request it
+belongs to: a group whose call fails is retried one trajectory at a time, so only
+the request at fault is answered with an error. Requests talk to the engine only
+through `submit` and the future it returns.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import defaultdict
 from concurrent.futures import Future, InvalidStateError
 
+from ..errors import UserError
+from .memory import Trimmer
 from .metrics import Metrics
+from .order import Order
 from .scheduler import Job, Scheduler
-from .schemas import TrajectoryRequest
-from .worker import Worker
+from .worker import Worker, batch_key
 
 log = logging.getLogger("splitdiff.serve")
 
@@ -26,33 +34,50 @@ class ShuttingDown(Exception):
 
 
 class EngineFailure(Exception):
-    """The model failed on a batch; the cause is in the server's log, not in answers."""
+    """The model failed on a request; the cause is in the server's log, not in answers."""
 
 
 class Engine:
-    def __init__(self, worker: Worker, max_batch: int = 8, max_waiting: int = 256, metrics: Metrics | None = None):
+    def __init__(self, worker: Worker, max_batch: int = 8, max_waiting: int = 256, metrics: Metrics | None = None,
+                 max_bytes: int | None = None):
         self.worker = worker
-        self.scheduler = Scheduler(max_batch, max_waiting)
+        self.scheduler = Scheduler(max_batch, max_waiting, max_bytes)
         self.metrics = metrics or Metrics()
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._trimmer = Trimmer()
 
     # -- the requests' side ---------------------------------------------------------
-    def submit(self, request: TrajectoryRequest) -> Job:
-        """Queue a checked request; its `future` resolves to the trajectory after `cloud_steps`."""
-        job = Job(request)
+    def submit(self, order: Order) -> Job:
+        """Queue a checked order; its `future` resolves to the trajectory after `cloud_steps`."""
+        job = Job(order)
         with self._cv:
             if self._stopping:
                 raise ShuttingDown("server is shutting down")
             self.scheduler.add(job)
-            self.metrics.waiting.set(len(self.scheduler.waiting))
+            self._gauge()
             self._cv.notify()
+        job.future.add_done_callback(lambda f: f.cancelled() and self._cancelled(job))
         return job
+
+    def _cancelled(self, job: Job) -> None:
+        with self._cv:
+            self.scheduler.cancel(job)
+            self._gauge()
+
+    def _gauge(self) -> None:
+        self.metrics.waiting.set(len(self.scheduler.waiting))
+        self.metrics.held_bytes.set(self.scheduler.held_bytes)
+        self._trimmer.observe(self.scheduler.held_bytes)
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def load(self) -> tuple[int, int]:
         with self._cv:
@@ -64,15 +89,20 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Refuse new work, let the current call end, answer everyone still waiting with ShuttingDown."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         if not self.alive:  # a loop that never ran has answered nobody yet
-            with self._cv:
-                for job in self.scheduler.drain():
-                    _settle(job.future, error=ShuttingDown("server is shutting down"))
+            self._answer_all(ShuttingDown("server is shutting down"))
+
+    def _answer_all(self, error: Exception) -> None:
+        with self._cv:
+            for job in self.scheduler.drain():
+                _settle(job.future, error=error)
+            self._gauge()
 
     def _loop(self) -> None:
         try:
@@ -82,8 +112,7 @@ class Engine:
         finally:  # whatever ended the loop, nobody is left waiting on it
             with self._cv:
                 self._stopping = True
-                for job in self.scheduler.drain():
-                    _settle(job.future, error=ShuttingDown("the engine stopped"))
+            self._answer_all(ShuttingDown("server is shutting down"))
 
     def _serve(self) -> None:
         while True:
@@ -93,41 +122,61 @@ class Engine:
                 if self._stopping:
                     return
                 admitted, batch = self.scheduler.schedule()
-                self.metrics.waiting.set(len(self.scheduler.waiting))
+                self._gauge()
                 self.metrics.running.set(len(batch))
             done = self.step(admitted, batch)
             with self._cv:
                 self.scheduler.retire(done)
+                self._gauge()
                 self.metrics.running.set(len(self.scheduler.running))
 
     # -- one iteration --------------------------------------------------------------
     def step(self, admitted: list[Job], batch: list[Job]) -> list[Job]:
-        """Prefill `admitted`, run one call for `batch`; return the jobs that leave it (finished or failed)."""
+        """Prefill `admitted`, run one step for `batch`; return the jobs that leave it (finished or failed)."""
         failed = []
         for job in admitted:
             try:
-                job.traj = self.worker.prefill(job.request)
-            except Exception:
-                log.exception("prefill failed for request %d", job.id)
+                job.traj = self.worker.prefill(job.order)
+            except Exception as e:
                 failed.append(job)
-                _settle(job.future, error=EngineFailure("the model failed to start this trajectory"))
-        live = [j for j in batch if j not in failed]
-        if live:
-            try:
-                seconds = self.worker.step([j.traj for j in live])
-            except Exception:
-                log.exception("U-Net step failed for a batch of %d", len(live))
-                for job in live:
-                    _settle(job.future, error=EngineFailure("the model failed on this request's batch"))
-                return failed + live
-            self.metrics.batch_size.observe(len(live))
-            self.metrics.step_seconds.observe(seconds)
-            for job in live:
-                job.batch_total, job.calls = job.batch_total + len(live), job.calls + 1
-        finished = [j for j in live if j.finished]
+                _settle(job.future, error=_answer(e, job, "start this trajectory"))
+            finally:
+                job.order.release()
+        live = [j for j in batch if j not in failed and j.traj is not None and not j.future.done()]
+        groups = defaultdict(list)
+        for job in live:
+            groups[batch_key(job.traj)].append(job)
+        for group in groups.values():
+            failed += self._run(group)
+        finished = [j for j in live if j not in failed and j.finished]
         for job in finished:
             _settle(job.future, result=job.traj)
         return failed + finished
+
+    def _run(self, group: list[Job]) -> list[Job]:
+        """One call for `group` (a shared key); the jobs that failed, each already answered."""
+        try:
+            seconds, failures = self.worker.step([j.traj for j in group])
+        except Exception as e:
+            if len(group) > 1:  # find the one at fault; the others go on alone
+                return [job for one in group for job in self._run([one])]
+            _settle(group[0].future, error=_answer(e, group[0], "take a step"))
+            return group
+        self.metrics.batch_size.observe(len(group))
+        self.metrics.step_seconds.observe(seconds)
+        for i, job in enumerate(group):
+            job.batch_total, job.calls = job.batch_total + len(group), job.calls + 1
+            if i in failures:
+                _settle(job.future, error=_answer(failures[i], job, "take a step"))
+        return [group[i] for i in failures]
+
+
+def _answer(error: Exception, job: Job, doing: str) -> Exception:
+    """What the requester is told: the request's own fault in its words, anything else logged and generic."""
+    if isinstance(error, UserError):
+        return error
+    log.error("request %d: the model failed to %s", job.id, doing, exc_info=error)
+    return EngineFailure(f"the model failed to {doing} for this request")
 
 
 def _settle(future: Future, result=None, error: BaseException | None = None) -> None:

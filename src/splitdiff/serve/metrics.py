@@ -22,6 +22,12 @@ class Metrics:
         self.request_seconds = Histogram("splitdiff_request_seconds", "Seconds from a trajectory request to its "
                                          "answer", buckets=REQUEST_BUCKETS, registry=r)
         self.requests = Counter("splitdiff_requests", "HTTP requests by status code", ["status"], registry=r)
+        self.held_bytes = Gauge("splitdiff_queue_bytes", "Bytes held by waiting and running work", registry=r)
+        self.connections = Gauge("splitdiff_connections", "Open HTTP connections", registry=r)
+        self.refused = Counter("splitdiff_connections_refused", "Connections closed before a request was "
+                               "answered, by reason", ["reason"], registry=r)
+        for reason in ("header_timeout", "body_timeout", "too_many_connections"):
+            self.refused.labels(reason)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,10 +12,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import JSONResponse
 
-from ..core.schedulers import SCHEDULERS
+from ..core.schedulers import MAX_STEPS, SCHEDULERS
 
 MAX_PROMPT_CHARS = 1000
-MAX_STEPS = 1000
 MAX_SIZE = 2048
 MAX_TOKENS = 512
 MAX_WIDTH = 4096

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -13,17 +14,27 @@ from fastapi import FastAPI
 
 from ..errors import UserError
 from .app import MAX_BODY_BYTES, create_app
+from .connections import guarded_protocol
 from .engine import Engine
+from .schemas import MAX_STEPS
 from .worker import Worker
+
+MIB = 1024 * 1024
 
 
 @dataclass
 class Limits:
+    """Every bound the server holds; docs/serving.md states them and what each refusal looks like."""
+
     max_batch: int = 8
     max_waiting: int = 256
-    max_steps: int = 1000
+    max_steps: int = MAX_STEPS
     max_size: int = 256
     max_body_bytes: int = MAX_BODY_BYTES
+    max_queue_bytes: int = 512 * MIB  # bytes held by waiting and running work
+    max_connections: int = 1024
+    header_timeout: float = 5.0  # seconds for a connection to send a request's headers
+    body_timeout: float = 30.0  # seconds for a request's whole body
 
 
 def build_app(model: str, *, name: str | None = None, vae: str | None = None, token: str | None = None,
@@ -32,16 +43,32 @@ def build_app(model: str, *, name: str | None = None, vae: str | None = None, to
     limits = limits or Limits()
     if limits.max_batch < 1 or limits.max_waiting < 1:
         raise UserError("--max-batch and --max-waiting must be at least 1")
+    if not 1 <= limits.max_steps <= MAX_STEPS:
+        raise UserError(f"--max-steps must be within 1..{MAX_STEPS}")
     worker = Worker.load(model, name, vae, max_steps=limits.max_steps, max_size=limits.max_size)
-    return create_app(Engine(worker, limits.max_batch, limits.max_waiting), token, limits.max_body_bytes)
+    engine = Engine(worker, limits.max_batch, limits.max_waiting, max_bytes=limits.max_queue_bytes)
+    return create_app(engine, token, limits.max_body_bytes, limits.body_timeout)
 
 
 def _config(app: FastAPI, log_level: str, limits: Limits | None, **kw) -> uvicorn.Config:
+    """uvicorn's config with the connection guard in place of its concurrency limit (see connections.py)."""
     limits = limits or Limits()
-    # beyond the queue and the batch, uvicorn itself answers 503 rather than accept more connections
-    concurrency = limits.max_waiting + limits.max_batch + 64
-    return uvicorn.Config(app, log_level=log_level, limit_concurrency=concurrency, timeout_graceful_shutdown=5,
-                          **kw)
+    protocol = guarded_protocol(app.state.engine.metrics, limits.header_timeout, limits.max_connections)
+    return uvicorn.Config(app, log_level=log_level, http=protocol, limit_concurrency=None,
+                          timeout_graceful_shutdown=5, **kw)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which first answers in-flight work (503, Retry-After) when it shuts down.
+
+    uvicorn waits for open requests before the app's lifespan ends, then cancels them:
+    a request waiting on a long generation would be cut off with a bare 500. Stopping
+    the engine first answers each of them in JSON while their connections are still open.
+    """
+
+    async def shutdown(self, sockets=None) -> None:
+        await asyncio.to_thread(self.config.app.state.engine.stop)
+        await super().shutdown(sockets)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -57,7 +84,7 @@ def listen(host: str, port: int) -> socket.socket:
 def run(app: FastAPI, host: str, port: int, log_level: str = "info", limits: Limits | None = None) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = listen(host, port)
-    uvicorn.Server(_config(app, log_level, limits)).run(sockets=[sock])
+    Server(_config(app, log_level, limits)).run(sockets=[sock])
 
 
 class ThreadedServer:
@@ -67,7 +94,7 @@ class ThreadedServer:
                  limits: Limits | None = None):
         self._sock = listen(host, 0)
         self.url = f"http://{host}:{self._sock.getsockname()[1]}"
-        self.server = uvicorn.Server(_config(app, log_level, limits))
+        self.server = Server(_config(app, log_level, limits))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     def start(self, timeout: float = 60.0) -> "ThreadedServer":

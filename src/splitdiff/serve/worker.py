@@ -14,9 +14,11 @@ import torch
 
 from ..core.registry import UNET_NAMES
 from ..core.runner import denoise_step
+from ..core.schedulers import max_steps
 from ..core.trajectory import Trajectory, new_trajectory
 from ..errors import UserError
 from ..hybrid.pipeline import HybridPipeline, latent_factor, load_pipeline
+from .order import Order, order_from
 from .schemas import TrajectoryRequest
 
 
@@ -29,51 +31,64 @@ def default_vae(model: str) -> str:
     return str(Path(model)) if (Path(model).expanduser() / "vae" / "config.json").exists() else "vae"
 
 
+def batch_key(traj: Trajectory) -> tuple:
+    """Trajectories with equal keys can share one U-Net call: their tensors stack."""
+    return (tuple(traj.latents.shape), tuple(traj.prompt_embeds.shape), traj.latents.dtype,
+            traj.prompt_embeds.dtype)
+
+
 class Worker:
-    def __init__(self, name: str, pipe: HybridPipeline, max_steps: int = 1000, max_size: int = 256):
+    def __init__(self, name: str, pipe: HybridPipeline, max_steps: int = 500, max_size: int = 256):
         self.name, self.pipe, self.max_steps, self.max_size = name, pipe, max_steps, max_size
         self.unet = pipe.unets[name]
         self.factor = latent_factor(pipe.vae)
         self.context_dim = self.unet.config.cross_attention_dim
+        self.prompt_length = getattr(pipe.encoder, "max_length", None) or 77
 
     @classmethod
     def load(cls, model: str, name: str | None = None, vae: str | None = None, **limits) -> "Worker":
         name = name or (model if model in UNET_NAMES else "cloud")
         return cls(name, load_pipeline({name: model}, vae or default_vae(model)), **limits)
 
-    def check(self, req: TrajectoryRequest) -> None:
-        """Refuse, in one line, what this server's model and limits cannot serve."""
+    def check(self, req: TrajectoryRequest) -> Order:
+        """Refuse, in one line, what this server's model and limits cannot serve; else the request's order."""
         if req.model not in (None, self.name):
             raise UnknownModel(f"unknown model {req.model!r}; this server serves {self.name!r}")
         if req.steps > self.max_steps:
             raise UserError(f"steps {req.steps} exceeds this server's limit of {self.max_steps}")
+        schedule_limit = max_steps(self.pipe.noise_schedule, req.scheduler)
+        if req.steps > schedule_limit:
+            raise UserError(f"steps {req.steps} exceeds what {req.scheduler} spaces properly over this model's "
+                            f"noise schedule ({schedule_limit})")
         if req.size > self.max_size:
             raise UserError(f"size {req.size} exceeds this server's limit of {self.max_size}")
         if req.size % self.factor:
             raise UserError(f"size {req.size} is not a multiple of the VAE's factor {self.factor}")
         if req.prompt_embeds is not None and len(req.prompt_embeds[0]) != self.context_dim:
             raise UserError(f"embeddings are {len(req.prompt_embeds[0])} wide; the model takes {self.context_dim}")
-
-    def prefill(self, req: TrajectoryRequest) -> Trajectory:
-        """The request's trajectory at step 0 (encoding its prompt when it has one)."""
-        common = dict(steps=req.steps, scheduler=req.scheduler, seed=req.seed, guidance_scale=req.guidance)
-        if req.prompt is not None:
-            return self.pipe.start(req.prompt, negative_prompt=req.negative_prompt, size=req.size, **common)
         side = req.size // self.factor
+        return order_from(req, (self.unet.config.in_channels, side, side), (self.prompt_length, self.context_dim))
 
-        def tensor(rows, dtype=torch.float32):
-            return None if rows is None else torch.tensor(rows, dtype=dtype)
-
+    def prefill(self, order: Order) -> Trajectory:
+        """The order's trajectory at step 0 (encoding its prompt when it has one)."""
+        common = dict(steps=order.steps, scheduler=order.scheduler, seed=order.seed, guidance_scale=order.guidance)
+        if order.prompt is not None:
+            return self.pipe.start(order.prompt, negative_prompt=order.negative_prompt, size=order.size, **common)
         return new_trajectory(
-            tensor(req.prompt_embeds), tensor(req.negative_embeds), prompt_mask=tensor(req.prompt_mask, torch.long),
-            negative_mask=tensor(req.negative_mask, torch.long), negative_prompt=req.negative_prompt,
-            latent_shape=(self.unet.config.in_channels, side, side), noise_schedule=self.pipe.noise_schedule, **common)
+            order.prompt_embeds, order.negative_embeds, prompt_mask=order.prompt_mask,
+            negative_mask=order.negative_mask, negative_prompt=order.negative_prompt,
+            latent_shape=order.latent_shape, noise_schedule=self.pipe.noise_schedule, **common)
 
-    def step(self, trajs: list[Trajectory]) -> float:
-        """One batched U-Net call for all `trajs`, each at its own step index; returns its seconds."""
+    def step(self, trajs: list[Trajectory]) -> tuple[float, dict[int, Exception]]:
+        """One batched U-Net call for `trajs` (equal `batch_key`s), each at its own step index.
+
+        Returns its seconds and the failures of single trajectories' scheduler steps, by
+        index in `trajs`; those trajectories did not advance, the others did.
+        """
         start = time.perf_counter()
-        denoise_step(self.unet, trajs)
+        failures = denoise_step(self.unet, trajs)
         seconds = time.perf_counter() - start
-        for t in trajs:
-            t.record(self.name, 1, seconds, where="cloud")
-        return seconds
+        for i, t in enumerate(trajs):
+            if i not in failures:
+                t.record(self.name, 1, seconds, where="cloud")
+        return seconds, failures

@@ -1,0 +1,43 @@
+"""Limits and checks that the command-line modules share (`splitdiff.cli`, `splitdiff.parallel.cli`).
+
+A value no command could honour is a usage error, one line and exit 2, before any work.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import typer
+
+from .core.schedulers import MAX_STEPS  # the steps options are capped where the schedulers are
+from .errors import UserError
+
+# What torch.Generator.manual_seed accepts.
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
+# The server's cap on classifier-free guidance: the edge asks for no more than the cloud would run.
+GUIDANCE_MAX = 100.0
+
+
+def finite(value: float | None) -> float | None:
+    """Option callback: nan and inf pass typer's one-sided range checks (and nan every unbounded one)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def check_guidance(value: float) -> float:
+    """Option callback for guidance scales: finite, 0..GUIDANCE_MAX (typer's own range check calls nan too big)."""
+    finite(value)
+    if not 0.0 <= value <= GUIDANCE_MAX:
+        raise typer.BadParameter(f"{value} is not in the range 0..{GUIDANCE_MAX:g}")
+    return value
+
+
+def check_output(path: os.PathLike | str, flag: str) -> None:
+    """Refuse an output that could not be written, before the work that would produce it."""
+    from .io import unwritable_reason
+
+    reason = unwritable_reason(path)
+    if reason:
+        raise UserError(f"{flag} {path}: {reason}")
