@@ -340,6 +340,37 @@ def train_unet_cmd(
                **_data_options(device, batch_size, batch_size_128, quarters_128, n64, n128))
 
 
+@train_app.command("family")
+def train_family_cmd(
+    scale: str = typer.Option(..., help="tiny (a test of the chain: minutes on a CPU), current (the shipped sizes "
+                              "and steps) or large (sized for a GPU)."),
+    out: Path = typer.Option(Path("runs/family"), help="Folder for runs/<stage>, weights/<name>, latent-cache/ "
+                             "and bench/hybrid/."),
+    device: str = DEVICE,
+    max_minutes: Optional[float] = typer.Option(None, min=0.0, help="Stop, checkpointed, after this many minutes "
+                                                "in all; the same command goes on."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages, their configs, parameter counts and "
+                                 "steps; write nothing."),
+):
+    """Every stage, in order and resumably: evaluator (if missing), VAE, latent cache, cloud, edge, tiny decoder, bench.
+
+    A stage runs only when its output is missing, unfinished or made from other inputs.
+    """
+    from rich.console import Console
+
+    from .train.family import is_complete, print_plan, summary_table, train_family
+
+    if dry_run:
+        print_plan(scale, out, device, echo=typer.echo)
+        return
+    results = train_family(scale, out, device=device, max_minutes=max_minutes, echo=typer.echo)
+    Console().print(summary_table(results, out, scale))
+    if is_complete(results):
+        typer.echo(f"family complete under {out}")
+    else:
+        typer.echo(f"stopped before the end: run the same command again to go on from {out}")
+
+
 @app.command()
 def compress(
     teacher: str = typer.Option("cloud"), run_dir: Path = typer.Option(Path("runs/edge")),

@@ -18,7 +18,7 @@ from . import write_csv
 from ..core.plan import PlanSegment
 from ..core.registry import load_vae
 from ..core.runner import to_pil
-from ..eval import default_evaluator, reference_renders
+from ..eval import Evaluator, default_evaluator, reference_renders
 from ..hybrid.batch import decode_many, run_many
 from ..hybrid.pipeline import load_pipeline
 from ..io import atomic_save_image
@@ -47,13 +47,15 @@ def adherence_by_objects(scores: list[float], n_objects: list[int]) -> dict[str,
 def bench_hybrid(out_dir: Path, n_prompts: int = 500, size: int = 64, guidance: float = 5.0, batch_size: int = 50,
                  cloud: str = "cloud", edge: str = "edge", vae: str = "vae", tiny: str = "tiny-decoder",
                  seed: int = 0, grid_prompts: int = 6, steps: int = STEPS,
-                 cloud_steps: tuple[int, ...] = CLOUD_STEPS, device: str = "cpu") -> list[dict]:
+                 cloud_steps: tuple[int, ...] = CLOUD_STEPS, device: str = "cpu",
+                 evaluator_weights: Path | None = None) -> list[dict]:
+    """`evaluator_weights`: the recognizer to measure with (default: the shipped one)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline({"cloud": cloud, "edge": edge}, vae)
     decoders = {"full": pipe.vae, "tiny": load_vae(tiny)}
     for model in [*pipe.unets.values(), *decoders.values()]:
         model.to(device)  # the runner and the decoder follow their models; schedulers stay on the CPU
-    evaluator = default_evaluator()
+    evaluator = Evaluator(evaluator_weights) if evaluator_weights is not None else default_evaluator()
     prompts = prompt_set(n_prompts)
     reference = reference_renders(prompts, size, seed=10_000)
     n_objects = [len(parse_prompt(p).objects) for p in prompts]

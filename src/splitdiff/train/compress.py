@@ -50,7 +50,8 @@ class UpBlockFeatures:
 def compress(run_dir: Path, out: Path, teacher: str = "cloud", steps: int = 4000, batch_size: int = 32,
              lr: float = 5e-4, max_minutes: float | None = None, vae: str = "vae", cache_dir: Path | None = None,
              n64: int = 30000, n128: int = 8000, seed: int = 0, device: str = "auto",
-             batch_size_128: int | None = None, quarters_128: int = 1) -> None:
+             batch_size_128: int | None = None, quarters_128: int = 1, checkpoint_every: int = 200,
+             record: dict | None = None) -> None:
     torch.manual_seed(seed)
     dev = resolve_device(device)
     cloud = load_unet(teacher).to(dev)
@@ -87,7 +88,8 @@ def compress(run_dir: Path, out: Path, teacher: str = "cloud", steps: int = 4000
                 + KD_WEIGHTS["feature"] * feature_kd)
         return optimize(opt, loss, clip=1.0)
 
-    cfg = LoopConfig(run_dir, steps, max_minutes, checkpoint_every=200, ema_decay=0.999, warm_start=out)
+    cfg = LoopConfig(run_dir, steps, max_minutes, checkpoint_every=checkpoint_every, ema_decay=0.999, warm_start=out,
+                     record=record or {})
     card_facts = {"teacher": _describe_teacher(cloud)}
     run_training(cfg, edge, opt, step,
                  lambda state, model: (export_diffusers(model, out, state),

@@ -25,7 +25,8 @@ def _batch(rng: random.Random, batch_size: int):
 
 
 def train_evaluator(run_dir: Path, steps: int = 4000, batch_size: int = 64, lr: float = 2e-3,
-                    max_minutes: float | None = None, out: Path = WEIGHTS, seed: int = 0) -> None:
+                    max_minutes: float | None = None, out: Path = WEIGHTS, seed: int = 0,
+                    checkpoint_every: int = 250) -> None:
     torch.manual_seed(seed)
     model = Recognizer()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -43,5 +44,5 @@ def train_evaluator(run_dir: Path, steps: int = 4000, batch_size: int = 64, lr: 
         save_tensors(out, {k: v.half() for k, v in m.state_dict().items()},
                      {"config": {}, "step": state.step, "input_size": INPUT_SIZE})
 
-    run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250), model, opt, step, export,
+    run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=checkpoint_every), model, opt, step, export,
                  desc="evaluator")

@@ -31,6 +31,7 @@ class LoopConfig:
     ema_decay: float | None = None
     log_every: int = 20
     warm_start: Path | None = None  # an exported folder to go on from when the checkpoint is lost
+    record: dict = field(default_factory=dict)  # kept in every checkpoint and training.json: what the run is made from
 
 
 @dataclass
@@ -91,6 +92,7 @@ def run_training(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.optim
             state.extra = record
             log.info("no checkpoint: warm start from %s at step %d (fresh optimizer state)", cfg.warm_start,
                      state.step)
+    state.extra.update(cfg.record)
     stop = {"why": None}
 
     def _on_signal(signum, _frame):
@@ -128,8 +130,8 @@ def run_training(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.optim
             if state.step % cfg.log_every == 0:
                 log.info(json.dumps({"step": state.step, "loss": sum(losses) / len(losses)}))
                 losses.clear()
-            if state.step % cfg.checkpoint_every == 0:
-                _save()
+            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.total_steps:
+                _save()  # the last step's checkpoint is the one below
         _save()
     finally:
         bar.close()

@@ -18,6 +18,7 @@ from ..core.registry import load_vae
 from .card import write_card
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 from .export import export_diffusers
+from .unet import autocast, resolve_device
 from .vae import render_batch
 
 # No block at the output resolution and one at the middle one (num_decoder_blocks
@@ -33,25 +34,29 @@ TINY_CONFIG = dict(
 
 
 def train_tiny_decoder(run_dir: Path, out: Path, teacher: str = "vae", steps: int = 8000, batch_size: int = 16,
-                       lr: float = 2e-3, max_minutes: float | None = None, seed: int = 0) -> None:
+                       lr: float = 2e-3, max_minutes: float | None = None, seed: int = 0, device: str = "cpu",
+                       checkpoint_every: int = 250, record: dict | None = None) -> None:
     torch.manual_seed(seed)
-    vae = load_vae(teacher)
+    dev = resolve_device(device)
+    vae = load_vae(teacher).to(dev)
     vae.requires_grad_(False)
-    tiny = AutoencoderTiny(**TINY_CONFIG)
+    tiny = AutoencoderTiny(**TINY_CONFIG).to(dev)
     opt = torch.optim.AdamW(tiny.decoder.parameters(), lr=lr)
 
     def step(i: int) -> float:
         rng = random.Random(seed * 1_000_003 + i)
-        with torch.no_grad():
-            x = render_batch(rng, batch_size)
-            z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-            target = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
+        with torch.no_grad(), autocast(dev):
+            x = render_batch(rng, batch_size).to(dev)
+            z = vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor
+            target = vae.decode(z / vae.config.scaling_factor).sample.float().clamp(-1, 1)
         set_cosine_lr(opt, i, steps, lr)
-        pred = tiny.decode(z).sample
+        with autocast(dev):
+            pred = tiny.decode(z).sample.float()
         loss = F.l1_loss(pred, target) + F.mse_loss(pred, target)
         return optimize(opt, loss)
 
-    cfg = LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250, ema_decay=0.999, warm_start=out)
+    cfg = LoopConfig(run_dir, steps, max_minutes, checkpoint_every=checkpoint_every, ema_decay=0.999, warm_start=out,
+                     record=record or {})
     run_training(cfg, tiny, opt, step,
                  lambda state, model: (export_diffusers(model, out, state), write_card("tiny-decoder", out, run_dir)),
                  desc="tiny-decoder")

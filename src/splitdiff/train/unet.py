@@ -126,10 +126,12 @@ def load_caches(cache_dir: Path, vae_source: str, n64: int, n128: int,
 def train_unet(run_dir: Path, out: Path, size: str = "cloud", steps: int = 8000, batch_size: int = 32,
                lr: float = 4e-4, max_minutes: float | None = None, vae: str = "vae", cache_dir: Path | None = None,
                n64: int = 30000, n128: int = 8000, seed: int = 0, device: str = "auto",
-               batch_size_128: int | None = None, quarters_128: int = 1) -> None:
+               batch_size_128: int | None = None, quarters_128: int = 1, config: dict | None = None,
+               checkpoint_every: int = 200, record: dict | None = None) -> None:
+    """`config` (block_out_channels, layers_per_block) replaces UNET_CONFIGS[size]; `record` goes into every export."""
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    unet = unet_from_config(**UNET_CONFIGS[size]).to(dev)
+    unet = unet_from_config(**(config or UNET_CONFIGS[size])).to(dev)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     caches = load_caches(cache_dir or run_dir.parent / "latent-cache", vae, n64, n128, dev)
     data = DenoisingData(caches, batch_size, dev, batch_size_128, quarters_128)
@@ -144,7 +146,8 @@ def train_unet(run_dir: Path, out: Path, size: str = "cloud", steps: int = 8000,
         loss = (F.mse_loss(pred.float(), noise, reduction="none").mean((1, 2, 3)) * data.min_snr_weights(t)).mean()
         return optimize(opt, loss, clip=1.0)
 
-    cfg = LoopConfig(run_dir, steps, max_minutes, checkpoint_every=200, ema_decay=0.999, warm_start=out)
+    cfg = LoopConfig(run_dir, steps, max_minutes, checkpoint_every=checkpoint_every, ema_decay=0.999, warm_start=out,
+                     record=record or {})
     run_training(cfg, unet, opt, step,
                  lambda state, model: (export_diffusers(model, out, state), write_card(size, out, run_dir)),
                  desc=f"unet-{size}")

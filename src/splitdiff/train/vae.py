@@ -18,6 +18,7 @@ from ..world import render, sample_scene, to_array
 from .card import write_card
 from .export import export_diffusers
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
+from .unet import autocast, resolve_device
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4,
@@ -43,8 +44,8 @@ def render_batch(rng: random.Random, batch_size: int, crop: int = 64) -> torch.T
 @torch.no_grad()
 def latent_scaling_factor(vae: AutoencoderKL, n: int = 256, seed: int = 4242) -> float:
     """1 / std of the latents, as Stable Diffusion's 0.18215 was chosen."""
-    x = render_batch(random.Random(seed), n)
-    z = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mean for i in range(0, n, 64)])
+    x = render_batch(random.Random(seed), n).to(vae.device)
+    z = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mean.float() for i in range(0, n, 64)])
     return float(1.0 / z.std())
 
 
@@ -61,21 +62,25 @@ def foreground_weights(x: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
 
 
 def train_vae(run_dir: Path, out: Path, steps: int = 4000, batch_size: int = 16, lr: float = 1e-3,
-              kl_weight: float = 1e-6, max_minutes: float | None = None, seed: int = 0) -> None:
+              kl_weight: float = 1e-6, max_minutes: float | None = None, seed: int = 0, config: dict | None = None,
+              device: str = "cpu", checkpoint_every: int = 250, record: dict | None = None) -> None:
+    """`config` overrides VAE_CONFIG's entries (a wider VAE); `record` goes into every checkpoint and export."""
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    dev = resolve_device(device)
+    vae = AutoencoderKL(**{**VAE_CONFIG, **(config or {})}).to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
 
     def step(i: int) -> float:
         rng = random.Random(seed * 1_000_003 + i)
         torch.manual_seed(seed * 7919 + i)
-        x = render_batch(rng, batch_size)
+        x = render_batch(rng, batch_size).to(dev)
         set_cosine_lr(opt, i, steps, lr)
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        with autocast(dev):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample.float()
         w = foreground_weights(x)
         err = (rec - x).abs()
-        loss = (w * (err + err ** 2)).mean() / w.mean() + kl_weight * post.kl().mean()
+        loss = (w * (err + err ** 2)).mean() / w.mean() + kl_weight * post.kl().float().mean()
         return optimize(opt, loss, clip=1.0)
 
     def export(state, model):
@@ -83,5 +88,6 @@ def train_vae(run_dir: Path, out: Path, steps: int = 4000, batch_size: int = 16,
         export_diffusers(model, out, state, scaling_factor=latent_scaling_factor(model))
         write_card("vae", out, run_dir)
 
-    run_training(LoopConfig(run_dir, steps, max_minutes, checkpoint_every=250, warm_start=out), vae, opt, step,
-                 export, desc="vae")
+    cfg = LoopConfig(run_dir, steps, max_minutes, checkpoint_every=checkpoint_every, warm_start=out,
+                     record=record or {})
+    run_training(cfg, vae, opt, step, export, desc="vae")
