@@ -451,6 +451,61 @@ def validate_evaluator_cmd(n: int = typer.Option(512, min=16), out: Optional[Pat
     print_validation(validate(n), out)
 
 
+@app.command("plan")
+def plan_cmd(
+    scenario: Optional[Path] = typer.Argument(None, help="A scenario JSON file (see --schema)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    solvers: Optional[str] = typer.Option(None, help="Comma-separated solvers (default: all): exact, brute, "
+                                          "milp, dqn, ga, greedy, all-offload, all-local."),
+    milp_time_limit: float = typer.Option(60.0, min=0.01, callback=finite, help="Seconds for the MILP."),
+    seed: int = typer.Option(0, min=0, help="The genetic algorithm's seed."),
+    schema: bool = typer.Option(False, "--schema", help="Print the scenario JSON Schema and exit."),
+):
+    """Who is offloaded and where each user's split lies: every planner on one scenario."""
+    from .users.planner.report import plan, schema_json
+
+    if schema:
+        typer.echo(schema_json())
+        return
+    if scenario is None:
+        raise UserError("a scenario file is needed (or --schema)")
+    plan(scenario, solvers, json_out, milp_time_limit, seed, echo=typer.echo)
+
+
+@train_app.command("planner")
+def train_planner_cmd(
+    run_dir: Path = typer.Option(Path("runs/planner")), steps: int = typer.Option(200_000, min=1),
+    max_minutes: Optional[float] = MAX_MINUTES, out: Optional[Path] = typer.Option(None),
+    seed: int = typer.Option(0, min=0),
+):
+    """The PER-DQN planner on scenarios drawn from the paper's family."""
+    from .users.planner.dqn import WEIGHTS_DIR
+    from .users.planner.train import train_planner
+
+    best = train_planner(run_dir, out or WEIGHTS_DIR, steps=steps, max_minutes=max_minutes, seed=seed)
+    typer.echo(f"best validation share of exact's improvement at N=20: {100 * best:.2f}%")
+
+
+@bench_app.command("plan")
+def bench_plan_cmd(
+    out: Path = typer.Option(Path("docs/bench/plan")),
+    scenarios: int = typer.Option(200, min=1, help="Random scenarios of the paper's family per N."),
+    users: str = typer.Option("4,8,12,16,20,50,100", help="Values of N, comma-separated."),
+    milp_max_users: int = typer.Option(20, min=0, help="Run the MILP up to this N (it is slow beyond)."),
+    milp_time_limit: float = typer.Option(30.0, min=0.01, callback=finite),
+    seed: int = typer.Option(0, min=0),
+    solvers: Optional[str] = typer.Option(None, help="Only these solvers (comma-separated); their rows replace "
+                                          "theirs in an existing plan.csv."),
+):
+    """Every planner against the exact optimum, for N = 4..100, both latency models and transmission forms."""
+    from .users.planner.bench import bench_plan
+    from .users.planner.registry import parse_solvers
+
+    bench_plan(out, scenarios=scenarios, users=users, milp_max_users=milp_max_users,
+               milp_time_limit=milp_time_limit, seed=seed, only=parse_solvers(solvers) if solvers else None,
+               echo=typer.echo)
+
+
 def _register_axes() -> None:
     """The space axis brings its own commands."""
     from .parallel.cli import register, register_bench

@@ -10,13 +10,9 @@ import os
 
 import typer
 
-from .core.schedulers import MAX_STEPS  # the steps options are capped where the schedulers are
+from .core.limits import MAX_GUIDANCE as GUIDANCE_MAX
+from .core.limits import MAX_STEPS, SEED_MAX, SEED_MIN
 from .errors import UserError
-
-# What torch.Generator.manual_seed accepts.
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
-# The server's cap on classifier-free guidance: the edge asks for no more than the cloud would run.
-GUIDANCE_MAX = 100.0
 
 
 def finite(value: float | None) -> float | None:

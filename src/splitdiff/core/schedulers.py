@@ -27,6 +27,7 @@ from diffusers import (
 )
 
 from ..errors import UserError
+from .limits import MAX_STEPS
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -41,7 +42,6 @@ SD_NOISE_SCHEDULE = dict(
 )
 ALWAYS_KEPT = ("timesteps", "sigmas")  # the schedule travels with every trajectory
 
-MAX_STEPS = 500  # the most steps any trajectory may have; a schedule may allow fewer (see max_steps)
 MAX_TRAIN_TIMESTEPS = 1000
 # float16's largest finite value: no real generation's state goes beyond it, and a half file could not carry it.
 MAX_VALUE = 65504.0

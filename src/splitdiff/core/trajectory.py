@@ -23,6 +23,7 @@ from safetensors.torch import save as st_save
 
 from ..errors import UserError
 from . import schedulers
+from .limits import MAX_GUIDANCE, SEED_MAX, SEED_MIN
 
 FORMAT = "splitdiff.trajectory"
 VERSION = 1
@@ -31,8 +32,6 @@ VERSION = 1
 MAX_CHANNELS = 16
 MIN_SIDE, MAX_SIDE = 4, 512  # latent sides; 4 is the server's smallest image (16 px) at the family's 4x VAE
 MAX_TOKENS, MAX_WIDTH = 512, 4096  # prompt embeddings: L x D
-MAX_GUIDANCE = 100.0
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed takes
 MAX_PROMPT_CHARS = 10_000
 MAX_NAME_CHARS = 200  # provenance model and place names
 MAX_SEGMENTS = 2 * schedulers.MAX_STEPS

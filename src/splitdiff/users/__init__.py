@@ -1,0 +1,1 @@
+"""Users axis: many users share one server phase, then each finishes on its own device."""
