@@ -66,7 +66,7 @@ def _image_text(traj) -> dict[str, str]:
     """PNG text chunks that say how the image was made, so a degraded one stays marked once on disk."""
     made = {"prompt": traj.prompt, "negative_prompt": traj.negative_prompt, "seed": traj.seed,
             "scheduler": traj.scheduler_name, "steps": traj.num_steps, "guidance": traj.guidance_scale,
-            "degraded": traj.degraded, "segments": [vars(s) for s in traj.provenance]}
+            "degraded": traj.degraded, "segments": [s.as_json() for s in traj.provenance]}
     return {"splitdiff.degraded": "true" if traj.degraded else "false", "splitdiff.provenance": json.dumps(made)}
 
 
@@ -109,6 +109,12 @@ def generate(
     token: Optional[str] = typer.Option(None, envvar="SPLITDIFF_TOKEN", help="The cloud's bearer token."),
     timeout: float = typer.Option(60.0, min=0.1, callback=finite, help="Seconds to wait for the cloud, per try."),
     half: bool = typer.Option(False, help="Ask the cloud for fp16 tensors (half the bytes, not bit-exact)."),
+    user: Optional[str] = typer.Option(None, help="With --cloud-url: the user's name, for a cloud that admits users "
+                                       "by its planner (it grants or denies, and sets the split)."),
+    alpha: Optional[float] = typer.Option(None, min=0.0, callback=finite, help="With --user: seconds of latency "
+                                          "worth one unit of PAI (how much a personal image matters)."),
+    device_step_seconds: Optional[float] = typer.Option(None, min=0.0, callback=finite, help="With --user: this "
+                                                        "device's seconds per step (default: measured here)."),
     strict: bool = typer.Option(False, help="Exit with code 3 when the result is degraded (the cloud's steps "
                                 "ran here); the image is still written, and marked."),
     parallel: Optional[str] = typer.Option(None, help="Run some segments patch-parallel: sync, distrifusion or pcpp."),
@@ -134,12 +140,17 @@ def generate(
         check_output(save_state, "--save-state")
     decoder = decoder or ("tiny" if cloud_url and _tiny_decoder_installed() else "full")
     _check_decoder(decoder)
+    if (user is None) != (alpha is None) or (device_step_seconds is not None and user is None):
+        raise UserError("--user and --alpha go together (and --device-step-seconds with them)")
+    if user is not None and not cloud_url:
+        raise UserError("--user needs --cloud-url: it is for a cloud that admits users")
     if cloud_url:
         if save_state or patch:
             raise UserError(f"{'--save-state' if save_state else '--parallel'} and --cloud-url do not go together")
         return _generate_with_cloud(parsed, prompt, cloud_url, token, timeout, half, model, vae, decoder, out,
                                     strict, negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
-                                    guidance=guidance, size=size)
+                                    guidance=guidance, size=size,
+                                    user=None if user is None else (user, alpha, device_step_seconds))
     pipe = _pipeline_for(parsed, model, vae, decoder)
     traj = pipe.start(prompt, negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
                       guidance_scale=guidance, size=size)
@@ -169,17 +180,27 @@ def _tiny_decoder_installed() -> bool:
 
 
 def _generate_with_cloud(plan, prompt, url, token, timeout, half, model, vae, decoder, out, strict,
-                         **params) -> None:
-    """The plan's first segment on the cloud, the rest here; the cloud's steps run here if it cannot be had."""
+                         user=None, **params) -> None:
+    """The plan's first segment on the cloud, the rest here; the cloud's steps run here if it cannot be had.
+
+    `user` (name, alpha, device seconds per step or None) asks a cloud with admission to decide the split.
+    """
     from .serve.client import CloudClient
-    from .serve.edge import handoff_rows, run_with_cloud, split_plan
+    from .serve.edge import handoff_rows, measure_step_seconds, run_with_cloud, split_plan
 
     _, edge_plan = split_plan(plan)
     client = CloudClient(url, token, timeout)
     pipe = _pipeline_for(edge_plan, model, vae, decoder)
+    block = None
+    if user is not None:
+        name, alpha, tau = user
+        if tau is None:
+            tau = measure_step_seconds(pipe, edge_plan[-1].model, size=params["size"], steps=params["steps"],
+                                       scheduler=params["scheduler"], guidance=params["guidance"])
+        block = {"id": name, "device_step_seconds": tau, "alpha": alpha}
     bar, on_step = _progress(params["steps"])
     with client, bar:
-        traj, handoff = run_with_cloud(pipe, plan, client, prompt, half=half, on_step=on_step,
+        traj, handoff = run_with_cloud(pipe, plan, client, prompt, half=half, on_step=on_step, user=block,
                                        warn=lambda m: bar.write(f"warning: {m}", file=sys.stderr), **params)
     _finish(pipe, traj, out, handoff_rows(handoff), strict)
 
@@ -203,19 +224,31 @@ def serve(
     max_size: int = typer.Option(256, min=16, max=2048, help="Largest image side a request may ask for."),
     token_file: Optional[Path] = typer.Option(None, help="Bearer token file (else $SPLITDIFF_TOKEN; neither: open)."),
     log_level: str = typer.Option("info", help="critical, error, warning, info or debug."),
+    admission: str = typer.Option("off", help="How requests with a user block are admitted: off (served as "
+                                  "asked), planner, fifo, all-offload or all-local."),
+    window: float = typer.Option(0.2, min=0.001, max=60, callback=finite, help="Seconds a scheduling window "
+                                 "gathers users before the admission decides."),
+    capacity: Optional[int] = typer.Option(None, min=1, help="Most users served at once (default: --max-batch)."),
+    solver: str = typer.Option("exact", help="The planner's solver (see `splitdiff plan`)."),
+    planner_timeout: float = typer.Option(1.0, min=0.001, max=60, callback=finite, help="Seconds the planner may "
+                                          "take before FIFO decides the window."),
+    pai: str = typer.Option("0.4,15", help="The PAI curve A,B the planner weighs splits with: "
+                            "1 / (1 + exp(-A (n - B))), n the device's steps."),
 ):
     """Serve a model's first steps over HTTP with step-level batching (API docs at /docs)."""
     if role != "cloud":
         raise UserError(f"--role {role!r} is not served; the edge runs `generate --cloud-url`")
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise UserError(f"--log-level must be critical, error, warning, info or debug, not {log_level!r}")
+    from .serve.admission import AdmissionConfig, parse_pai
     from .serve.auth import load_token
     from .serve.server import Limits, build_app, run
 
     limits = Limits(max_batch, max_waiting, max_steps, max_size, max_queue_bytes=max_queue_mb * 1024 * 1024,
                     max_connections=max_connections, header_timeout=header_timeout)
-    run(build_app(model, name=name, vae=vae, token=load_token(token_file), limits=limits), host, port, log_level,
-        limits)
+    admit = AdmissionConfig(admission, window, capacity, solver, planner_timeout, parse_pai(pai)).check(max_batch)
+    run(build_app(model, name=name, vae=vae, token=load_token(token_file), limits=limits, admission=admit), host,
+        port, log_level, limits)
 
 
 @app.command()
@@ -504,6 +537,31 @@ def bench_plan_cmd(
     bench_plan(out, scenarios=scenarios, users=users, milp_max_users=milp_max_users,
                milp_time_limit=milp_time_limit, seed=seed, only=parse_solvers(solvers) if solvers else None,
                echo=typer.echo)
+
+
+@bench_app.command("users")
+def bench_users_cmd(
+    out: Path = typer.Option(Path("docs/bench/users")),
+    model: str = typer.Option("cloud", help="The served U-Net: a registry name or a diffusers folder."),
+    edge_model: str = typer.Option("edge", help="The devices' U-Net."),
+    vae: Optional[str] = typer.Option(None, help="The devices' decoder (default: tiny-decoder when installed)."),
+    users: int = typer.Option(12, min=1, max=200, help="Simulated users (each device class in turn)."),
+    waves: int = typer.Option(2, min=1, help="Waves the users arrive in."),
+    gap: float = typer.Option(15.0, min=0.0, callback=finite, help="Seconds between waves (more than the slowest "
+                              "device's all-local time)."),
+    window: float = typer.Option(0.5, min=0.01, max=60, callback=finite, help="The server's scheduling window."),
+    capacity: int = typer.Option(3, min=1, max=256, help="Users the server serves at once."),
+    policies: str = typer.Option("planner,fifo,all-offload,all-local", help="Admission policies to compare."),
+    cloud_steps: int = typer.Option(10, min=1, help="The split users ask for (what FIFO grants)."),
+    steps: int = typer.Option(25, min=2, max=MAX_STEPS), size: int = typer.Option(64, min=16),
+    seed: int = typer.Option(0, min=0),
+):
+    """Admission end to end: a real server, simulated users of different device speeds, every policy."""
+    from .bench.users import bench_users
+
+    bench_users(out, model=model, edge_model=edge_model, vae=vae, users=users, waves=waves, gap=gap, window=window,
+                capacity=capacity, steps=steps, size=size, cloud_steps=cloud_steps, policies=policies, seed=seed,
+                echo=typer.echo)
 
 
 def _register_axes() -> None:

@@ -35,7 +35,8 @@ LOAD_CLIENTS = 32
 class ServerProcess:
     """`splitdiff serve` in a child process on a free loopback port."""
 
-    def __init__(self, model: str, vae: str | None, max_batch: int, log: Path, extra: tuple[str, ...] = ()):
+    def __init__(self, model: str, vae: str | None, max_batch: int, log: Path, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -44,9 +45,10 @@ class ServerProcess:
                "--max-batch", str(max_batch), "--max-waiting", "1024", "--log-level", "warning"]
         self.cmd = cmd + (["--vae", vae] if vae else []) + list(extra)
         self.log = log
+        self.env = dict(env or {})
 
     def __enter__(self) -> "ServerProcess":
-        env = {k: v for k, v in os.environ.items() if k != "SPLITDIFF_TOKEN"}
+        env = {**{k: v for k, v in os.environ.items() if k != "SPLITDIFF_TOKEN"}, **self.env}
         self._log = open(self.log, "ab")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + START_TIMEOUT

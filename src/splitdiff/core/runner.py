@@ -103,9 +103,11 @@ def denoise_step(unet, trajs: Sequence[Trajectory]) -> dict[int, Exception]:
 
 
 def advance(unet, trajs: Sequence[Trajectory], steps: int, model_name: str = "model", where: str = "local",
-            on_step: Callable[[int], None] | None = None) -> float:
+            on_step: Callable[[int], None] | None = None, adapter: str | None = None,
+            adapter_sha256: str | None = None) -> float:
     """Advance each trajectory by `steps` (or to its end); record provenance; return U-Net seconds.
 
+    `adapter` names the user adapter the U-Net computes with now (for the provenance only).
     The first trajectory failure of a step (see denoise_step) is raised.
     """
     total = 0.0
@@ -120,7 +122,7 @@ def advance(unet, trajs: Sequence[Trajectory], steps: int, model_name: str = "mo
         dt = time.perf_counter() - start
         total += dt
         for t in live:
-            t.record(model_name, 1, dt, where)
+            t.record(model_name, 1, dt, where, adapter, adapter_sha256)
         if on_step:
             on_step(k)
     return total

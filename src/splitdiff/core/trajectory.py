@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,13 +54,26 @@ class TrajectoryError(UserError):
 
 @dataclass
 class Segment:
-    """Provenance: `model` ran steps [start, end) in `seconds` of U-Net time."""
+    """Provenance: `model` ran steps [start, end) in `seconds` of U-Net time, with a user's adapter if named.
+
+    The adapter is recorded by name and by the sha256 of its content, so an image says
+    exactly which version of a user's personalization made it.
+    """
 
     model: str
     start: int
     end: int
     seconds: float
     where: str = "local"
+    adapter: str | None = None
+    adapter_sha256: str | None = None
+
+    def as_json(self) -> dict:
+        """Its fields; the adapter's only when there is one (files without adapters keep their old form)."""
+        out = vars(self).copy()
+        if self.adapter is None:
+            del out["adapter"], out["adapter_sha256"]
+        return out
 
 
 @dataclass
@@ -104,12 +118,16 @@ class Trajectory:
     def uses_guidance(self) -> bool:
         return self.guidance_scale > 1.0
 
-    def record(self, model: str, steps: int, seconds: float, where: str = "local") -> None:
+    def record(self, model: str, steps: int, seconds: float, where: str = "local", adapter: str | None = None,
+               adapter_sha256: str | None = None) -> None:
         last = self.provenance[-1] if self.provenance else None
-        if last and last.model == model and last.where == where and last.end == self.step_index - steps:
+        if (last and (last.model, last.where, last.adapter, last.adapter_sha256) == (model, where, adapter,
+                                                                                       adapter_sha256)
+                and last.end == self.step_index - steps):
             last.end, last.seconds = self.step_index, last.seconds + seconds
         else:
-            self.provenance.append(Segment(model, self.step_index - steps, self.step_index, seconds, where))
+            self.provenance.append(Segment(model, self.step_index - steps, self.step_index, seconds, where, adapter,
+                                           adapter_sha256))
 
     # -- bytes --------------------------------------------------------------------
     def to_bytes(self, half: bool = False) -> bytes:
@@ -135,7 +153,7 @@ class Trajectory:
                           "num_inference_steps": self.num_steps, "state": sched_state},
             "step_index": self.step_index, "guidance_scale": self.guidance_scale, "seed": self.seed,
             "prompt": self.prompt, "negative_prompt": self.negative_prompt, "degraded": self.degraded,
-            "provenance": [vars(s) for s in self.provenance],
+            "provenance": [s.as_json() for s in self.provenance],
         }
         return st_save({k: v.contiguous().cpu() for k, v in tensors.items()},
                        metadata={"splitdiff": json.dumps(meta, default=_json_default)})
@@ -198,6 +216,7 @@ META_KEYS = ("format", "version", "half", "scheduler", "step_index", "guidance_s
              "negative_prompt", "degraded", "provenance")
 SCHEDULER_KEYS = ("name", "config", "num_inference_steps", "state")
 SEGMENT_KEYS = ("model", "start", "end", "seconds", "where")
+ADAPTER_KEYS = ("adapter", "adapter_sha256")
 _FLOAT_CODES = ("F32", "F16")
 
 
@@ -262,8 +281,14 @@ def _check_provenance(items: Any, step_index: int) -> list[Segment]:
           f"provenance is not a list of at most {MAX_SEGMENTS} segments")
     out = []
     for i, p in enumerate(items):
-        _need(isinstance(p, dict) and set(p) == set(SEGMENT_KEYS),
-              f"provenance[{i}] is not an object with exactly {', '.join(SEGMENT_KEYS)}")
+        _need(isinstance(p, dict) and set(p) in (set(SEGMENT_KEYS), set(SEGMENT_KEYS + ADAPTER_KEYS)),
+              f"provenance[{i}] is not an object with exactly {', '.join(SEGMENT_KEYS)} (and optionally "
+              f"{', '.join(ADAPTER_KEYS)})")
+        if "adapter" in p:
+            _need(_is_text(p["adapter"], MAX_NAME_CHARS) and p["adapter"], f"provenance[{i}].adapter is not a name "
+                  f"of at most {MAX_NAME_CHARS} characters")
+            _need(isinstance(p["adapter_sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", p["adapter_sha256"]),
+                  f"provenance[{i}].adapter_sha256 is not 64 hexadecimal digits")
         for key in ("model", "where"):
             _need(_is_text(p[key], MAX_NAME_CHARS), f"provenance[{i}].{key} is not text of at most "
                   f"{MAX_NAME_CHARS} characters")
@@ -271,7 +296,8 @@ def _check_provenance(items: Any, step_index: int) -> list[Segment]:
               f"provenance[{i}] steps {_show(p['start'])}..{_show(p['end'])} are not within 0..{step_index}")
         _need(_is_number(p["seconds"], 0.0, math.inf), f"provenance[{i}].seconds is {_show(p['seconds'])}, "
               "not a finite number >= 0")
-        out.append(Segment(p["model"], p["start"], p["end"], float(p["seconds"]), p["where"]))
+        out.append(Segment(p["model"], p["start"], p["end"], float(p["seconds"]), p["where"], p.get("adapter"),
+                           p.get("adapter_sha256")))
     return out
 
 

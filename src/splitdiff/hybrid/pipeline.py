@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -68,6 +68,9 @@ class HybridPipeline:
     sources: dict = field(default_factory=dict)  # plan name -> registry name or folder (for other processes)
     # plan name -> fn(traj, steps) that advances traj in place outside this process (e.g. on patch-parallel ranks)
     elsewhere: dict[str, Callable[[Trajectory, int], None]] = field(default_factory=dict)
+    # what `model@name` segments mean: .resolve(name) -> ref with .sha256, and .applied(unet, name), a context
+    # in which the U-Net computes with that adapter (the users axis' AdapterSet); None: plans name no adapters
+    adapters: Any = None
 
     def __post_init__(self):
         check_compatible(self.unets, self.vae, self.context_dim)
@@ -105,14 +108,25 @@ class HybridPipeline:
             if seg.model not in self.unets:
                 raise UserError(f"plan names model {seg.model!r} but only {', '.join(self.unets)} are loaded")
             check_trajectory(traj, self.unets[seg.model], seg.model)
+            if seg.adapter is not None:
+                if self.adapters is None:
+                    raise UserError(f"plan segment {seg.label!r} names an adapter, but this pipeline has none")
+                if seg.model in self.elsewhere:
+                    raise UserError(f"plan segment {seg.label!r}: adapters run on this device, not patch-parallel")
+                self.adapters.resolve(seg.adapter)
 
     def run_segment(self, traj: Trajectory, seg: PlanSegment, on_step: Callable[[str, int], None] | None = None) -> None:
         """One segment: here with the model's U-Net, or wherever `elsewhere` sends that model's steps."""
         self.check(traj, (seg,))
         unet = self.unets[seg.model]
+        progress = (lambda k, label=seg.label: on_step(label, k)) if on_step else None
+        if seg.adapter is not None:
+            with self.adapters.applied(unet, seg.adapter) as ref:
+                advance(unet, [traj], seg.steps, seg.model, on_step=progress, adapter=seg.adapter,
+                        adapter_sha256=ref.sha256)
+            return
         if seg.model not in self.elsewhere:
-            advance(unet, [traj], seg.steps, seg.model,
-                    on_step=(lambda k, m=seg.model: on_step(m, k)) if on_step else None)
+            advance(unet, [traj], seg.steps, seg.model, on_step=progress)
             return
         self.elsewhere[seg.model](traj, seg.steps)
         for k in range(seg.steps if on_step else 0):

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from ..core.schedulers import SCHEDULERS
 from ..errors import UserError
@@ -29,7 +29,8 @@ from .body import BodyLimit
 from .engine import Engine, EngineFailure, ShuttingDown
 from .metrics import CountStatuses
 from .scheduler import Busy
-from .schemas import ERROR_RESPONSES, ErrorBody, Health, TrajectoryRequest, error_response, one_line
+from .schemas import (DENY_RESPONSE, ERROR_RESPONSES, ErrorBody, Health, Profile, TrajectoryRequest, error_response,
+                      one_line)
 from .worker import UnknownModel
 
 log = logging.getLogger("splitdiff.serve")
@@ -41,15 +42,23 @@ TRAJECTORY_RESPONSE = {200: {"description": "The trajectory after `cloud_steps` 
 
 
 def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               body_timeout: float = 30.0) -> FastAPI:
-    """The app around a (not yet started) engine; the app's lifespan starts and stops it."""
+               body_timeout: float = 30.0, admission=None) -> FastAPI:
+    """The app around a (not yet started) engine; the app's lifespan starts and stops it.
+
+    With `admission` (serve/admission.py), requests that carry a user block are granted
+    or denied by it and run the split it sets; all others go straight to the engine.
+    """
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         engine.start()
+        if admission is not None:
+            admission.start()
         try:
             yield
         finally:
+            if admission is not None:
+                await run_in_threadpool(admission.stop)
             await run_in_threadpool(engine.stop)
 
     app = FastAPI(title="splitdiff cloud", lifespan=lifespan, summary="Runs the first steps of trajectories, "
@@ -57,22 +66,41 @@ def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = M
     metrics = engine.metrics
     auth = [Security(HTTPBearer(auto_error=False))] if token else []  # documents the scheme; BearerAuth enforces
 
-    @app.post("/v1/trajectories", response_class=Response, responses={**TRAJECTORY_RESPONSE, **ERROR_RESPONSES},
-              dependencies=auth, openapi_extra=REQUEST_BODY)
+    @app.post("/v1/trajectories", response_class=Response,
+              responses={**TRAJECTORY_RESPONSE, **DENY_RESPONSE, **ERROR_RESPONSES}, dependencies=auth,
+              openapi_extra=REQUEST_BODY)
     async def create_trajectory(request: Request) -> Response:
         """Encode the prompt, run `cloud_steps` steps on the served model, answer the serialized trajectory.
 
-        The body is TrajectoryRequest as JSON (see the schema).
+        The body is TrajectoryRequest as JSON (see the schema). On a server with admission,
+        a request with a user block waits for its scheduling window: granted, it runs the
+        split the server set (the `X-Splitdiff-Cloud-Steps` header, and the trajectory's
+        step); denied, it is answered 409 with `{"decision": "deny", ...}` and the device
+        runs every step.
         """
         start = time.perf_counter()
-        order = engine.worker.check(await _parse(request))  # the request's lists are gone after this line
-        job = engine.submit(order)
+        req = await _parse(request)
+        user = req.user
+        order = engine.worker.check(req)  # the request's lists are gone after this line
+        del req
+        verdict = None
+        if admission is not None and user is not None:
+            decided = await _result(request, admission.submit(order, user).future)
+            if decided is None:
+                return error_response(499, "client closed the request")
+            verdict, job = decided
+            if not verdict.granted:
+                return JSONResponse(verdict.deny_body(), status_code=409, headers=verdict.headers())
+        else:
+            job = engine.submit(order)
         traj = await _result(request, job.future)
         if traj is None:
             return error_response(499, "client closed the request")  # nobody reads it; counted in metrics
         ready = time.perf_counter()
         data = await run_in_threadpool(traj.to_bytes, order.half)
         seconds = time.perf_counter() - start
+        if verdict is not None:
+            engine.profile.observe_overhead(time.perf_counter() - verdict.decided - job.step_seconds)
         metrics.request_seconds.observe(seconds)
         return Response(data, media_type="application/octet-stream", headers={
             "X-Splitdiff-Request": str(job.id),
@@ -80,6 +108,8 @@ def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = M
             "X-Splitdiff-Serialize-Seconds": f"{seconds - (ready - start):.6f}",
             "X-Splitdiff-Queue-Seconds": f"{(job.admitted or job.arrived) - job.arrived:.6f}",
             "X-Splitdiff-Mean-Batch": f"{job.mean_batch:.3f}",
+            "X-Splitdiff-Step-Seconds": f"{job.step_seconds:.6f}",
+            **(verdict.headers() if verdict is not None else {}),
         })
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorBody}})
@@ -93,6 +123,11 @@ def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = M
 
     app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
+    @app.get("/v1/profile", response_model=Profile)
+    def profile():
+        """The server's per-step profile, seconds per batched step = k_e * B + h_e, fitted from its recent calls."""
+        return Profile(**engine.profile.snapshot())
+
     @app.get("/metrics", response_class=Response)
     def prometheus():
         """Prometheus text format: queue depth, batch sizes, step latency, requests by status."""
@@ -102,6 +137,7 @@ def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = M
     _document_request_body(app, engine.worker)
     app.router.redirect_slashes = False  # a redirect would echo the Host header into Location
     app.state.engine = engine
+    app.state.admission = admission
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout=body_timeout, metrics=metrics)
     if token:
         app.add_middleware(BearerAuth, token=token)
@@ -116,6 +152,7 @@ REQUEST_BODY = {"requestBody": {"required": True, "content": {"application/json"
 def request_schema(worker) -> dict:
     """TrajectoryRequest's JSON schema with this server's own limits, and its one-of rule."""
     schema = TrajectoryRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)  # the nested models (UserBlock) are components of their own
     props = schema["properties"]
     props["steps"]["maximum"] = props["cloud_steps"]["maximum"] = worker.max_steps
     props["size"]["maximum"] = worker.max_size
@@ -133,7 +170,11 @@ def _document_request_body(app: FastAPI, worker) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             spec = build()
-            spec.setdefault("components", {}).setdefault("schemas", {})["TrajectoryRequest"] = request_schema(worker)
+            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            components["TrajectoryRequest"] = request_schema(worker)
+            nested = TrajectoryRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in nested.get("$defs", {}).items():
+                components.setdefault(name, sub)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -3,7 +3,9 @@
 Transport failures, timeouts, 5xx answers and bodies that are corrupt or not the
 trajectory asked for are retried with exponential backoff; when every try fails the
 caller gets `CloudUnavailable` and may fall back. A 4xx is the request's fault, so it
-is a one-line `UserError`.
+is a one-line `UserError`, except the admission's refusal (409 with
+`{"decision": "deny"}`), which is a decision, not a fault: the caller gets `Denied`
+and runs every step itself.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ class CloudUnavailable(Exception):
     """The cloud gave no usable answer after every try."""
 
 
+class Denied(Exception):
+    """The cloud's admission denied this user: every step runs on the device (the plan, not a failure)."""
+
+    def __init__(self, answer: dict, handoff: "Handoff"):
+        super().__init__(answer.get("error", "admission denied"))
+        self.answer, self.handoff = answer, handoff
+
+
 @dataclass
 class Handoff:
     """What one successful exchange cost."""
@@ -38,6 +48,8 @@ class Handoff:
     serialize_seconds: float  # the server's share of that spent serializing
     parse_seconds: float  # loading the answer here
     attempts: int
+    decision: dict | None = None  # the admission's: decision, cloud_steps, device_steps, policy, predicted_seconds
+    step_seconds: float = 0.0  # the server's U-Net calls this trajectory took part in
 
     @property
     def network_seconds(self) -> float:
@@ -98,6 +110,9 @@ class CloudClient:
             if r.status_code >= 500:
                 problem = f"HTTP {r.status_code}: {_reason(r, content)}"
                 continue
+            if r.status_code == 409 and (answer := _deny_answer(content)) is not None:
+                raise Denied(answer, Handoff(len(body), len(content), time.perf_counter() - start, 0.0, 0.0, 0.0,
+                                             attempt, decision=answer))
             if r.status_code >= 400:
                 raise UserError(f"the cloud refused the request (HTTP {r.status_code}): {_reason(r, content)}")
             received = time.perf_counter()
@@ -118,7 +133,8 @@ class CloudClient:
             return traj, Handoff(len(body), len(content), received - start,
                                  _float(r.headers.get("X-Splitdiff-Server-Seconds")),
                                  _float(r.headers.get("X-Splitdiff-Serialize-Seconds")),
-                                 time.perf_counter() - received, attempt)
+                                 time.perf_counter() - received, attempt, decision=_grant(r.headers),
+                                 step_seconds=_float(r.headers.get("X-Splitdiff-Step-Seconds")))
         raise CloudUnavailable(f"{self.url} failed {self.tries} tries; last: {problem}")
 
     def _post(self, body: bytes) -> tuple[httpx.Response, bytes | None]:
@@ -136,6 +152,27 @@ class CloudClient:
                     return r, None
                 chunks.append(chunk)
             return r, b"".join(chunks)
+
+
+def _deny_answer(content: bytes | None) -> dict | None:
+    """The admission's refusal, if that is what a 409 body is."""
+    try:
+        answer = json.loads(content)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    if not isinstance(answer, dict) or answer.get("decision") != "deny":
+        return None
+    return answer
+
+
+def _grant(headers: httpx.Headers) -> dict | None:
+    """The admission's grant, from a trajectory answer's headers (None from a server without admission)."""
+    if headers.get("X-Splitdiff-Decision") != "grant":
+        return None
+    return {"decision": "grant", "cloud_steps": int(_float(headers.get("X-Splitdiff-Cloud-Steps"))),
+            "device_steps": int(_float(headers.get("X-Splitdiff-Device-Steps"))),
+            "policy": headers.get("X-Splitdiff-Policy", ""),
+            "predicted_seconds": _float(headers.get("X-Splitdiff-Predicted-Seconds"))}
 
 
 def _reason(r: httpx.Response, content: bytes | None) -> str:

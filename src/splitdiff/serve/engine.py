@@ -23,6 +23,7 @@ from ..errors import UserError
 from .memory import Trimmer
 from .metrics import Metrics
 from .order import Order
+from .profile import StepProfile
 from .scheduler import Job, Scheduler
 from .worker import Worker, batch_key
 
@@ -39,10 +40,12 @@ class EngineFailure(Exception):
 
 class Engine:
     def __init__(self, worker: Worker, max_batch: int = 8, max_waiting: int = 256, metrics: Metrics | None = None,
-                 max_bytes: int | None = None):
+                 max_bytes: int | None = None, profile: StepProfile | None = None):
         self.worker = worker
         self.scheduler = Scheduler(max_batch, max_waiting, max_bytes)
         self.metrics = metrics or Metrics()
+        self.profile = profile or StepProfile()
+        self.metrics.watch_profile(self.profile)
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -60,6 +63,31 @@ class Engine:
             self._cv.notify()
         job.future.add_done_callback(lambda f: f.cancelled() and self._cancelled(job))
         return job
+
+    def submit_all(self, orders: list[Order]) -> list[Job | Exception]:
+        """Queue orders at once, so that they are admitted to the same call when the batch has room.
+
+        Each entry is the order's job, or why it was refused (Busy, ShuttingDown).
+        """
+        jobs: list[Job | Exception] = []
+        with self._cv:
+            for order in orders:
+                if self._stopping:
+                    jobs.append(ShuttingDown("server is shutting down"))
+                    continue
+                job = Job(order)
+                try:
+                    self.scheduler.add(job)
+                except Exception as e:
+                    jobs.append(e)
+                    continue
+                jobs.append(job)
+            self._gauge()
+            self._cv.notify()
+        for job in jobs:
+            if isinstance(job, Job):
+                job.future.add_done_callback(lambda f, job=job: f.cancelled() and self._cancelled(job))
+        return jobs
 
     def _cancelled(self, job: Job) -> None:
         with self._cv:
@@ -164,8 +192,10 @@ class Engine:
             return group
         self.metrics.batch_size.observe(len(group))
         self.metrics.step_seconds.observe(seconds)
+        self.profile.observe(len(group), seconds)
         for i, job in enumerate(group):
             job.batch_total, job.calls = job.batch_total + len(group), job.calls + 1
+            job.step_seconds += seconds
             if i in failures:
                 _settle(job.future, error=_answer(failures[i], job, "take a step"))
         return [group[i] for i in failures]

@@ -29,6 +29,20 @@ class Metrics:
         for reason in ("header_timeout", "body_timeout", "too_many_connections"):
             self.refused.labels(reason)
 
+    def watch_profile(self, profile) -> None:
+        """Gauges that read the server's live per-step fit (serve/profile.py) when scraped."""
+        if getattr(self, "_profile_gauges", False):
+            return
+        self._profile_gauges = True
+        r = self.registry
+        for name, what, read in (
+                ("splitdiff_profile_k_e_seconds", "Fitted seconds per step per trajectory in the batch (k_e)",
+                 lambda: profile.k_e),
+                ("splitdiff_profile_h_e_seconds", "Fitted seconds per step, whatever the batch (h_e)",
+                 lambda: profile.h_e),
+                ("splitdiff_profile_samples", "Batched steps the fit is made from", lambda: profile.samples)):
+            Gauge(name, what, registry=r).set_function(read)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 

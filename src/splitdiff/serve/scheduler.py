@@ -41,6 +41,7 @@ class Job:
     traj: Trajectory | None = None
     batch_total: int = 0  # sum of the batch sizes of the calls it took part in
     calls: int = 0
+    step_seconds: float = 0.0  # seconds of the U-Net calls it took part in
     nbytes: int = 0  # what it holds, fixed at admission to the queue
 
     def __post_init__(self):

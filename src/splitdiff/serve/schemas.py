@@ -25,6 +25,25 @@ Embeddings = Annotated[list[EmbeddingRow], Field(min_length=1, max_length=MAX_TO
 Mask = Annotated[list[Literal[0, 1]], Field(min_length=1, max_length=MAX_TOKENS)]
 
 
+class UserBlock(BaseModel):
+    """Who is asking, for a server that admits users by its planner (`serve --admission`).
+
+    Such a server decides whether this user is served at all and, if so, how many of the
+    trajectory's steps it runs (`cloud_steps` in the request is then only the fallback's
+    split); a server without admission ignores the block.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=200, description="The user's name, echoed in the decision.")
+    device_step_seconds: Finite = Field(ge=0.0, le=3600.0, description="Seconds one denoising step takes on the "
+                                        "user's device (its own model, batch 1), as the device measured it.")
+    alpha: Finite = Field(ge=0.0, le=1e6, description="How much the user values a personal image: seconds of "
+                          "latency worth one unit of PAI.")
+    payload_bits: Finite | None = Field(None, ge=0.0, le=1e12, description="Bits the handoff carries (default: "
+                                        "the server's estimate for this request).")
+
+
 class TrajectoryRequest(BaseModel):
     """Start a trajectory and run its first `cloud_steps` of `steps` on the cloud's model."""
 
@@ -44,6 +63,8 @@ class TrajectoryRequest(BaseModel):
     guidance: Finite = Field(5.0, ge=0.0, le=100.0, description="Classifier-free guidance (<= 1 disables it).")
     size: int = Field(64, ge=16, le=MAX_SIZE, description="Image side in pixels.")
     half: bool = Field(False, description="Answer with fp16 tensors (about half the bytes, not bit-exact).")
+    user: UserBlock | None = Field(None, description="For a server with admission: it grants or denies this "
+                                   "user and sets the split (cloud_steps).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrajectoryRequest":
@@ -75,12 +96,37 @@ class ErrorBody(BaseModel):
     error: str = Field(description="What was wrong, in one line.")
 
 
+class DenyBody(BaseModel):
+    """The admission's refusal (HTTP 409): the user runs every step on its own device."""
+
+    decision: Literal["deny"]
+    user: str
+    steps: int = Field(description="The trajectory's steps, all of which the device runs.")
+    cloud_steps: Literal[0] = 0
+    device_steps: int
+    policy: str = Field(description="Who decided: planner, fifo, all-offload, all-local, or fallback.")
+    predicted_seconds: float = Field(description="The planner's latency for this user: its wait and all steps "
+                                     "on the device.")
+    error: str = Field(description="The same, in one line, for clients that only read errors.")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     model: str
     max_batch: int
     waiting: int
     running: int
+
+
+class Profile(BaseModel):
+    """The server's per-step time, k_e * B + h_e seconds for a call of B trajectories."""
+
+    k_e: float
+    h_e: float
+    samples: int = Field(description="Batched steps the fit is made from (start-up warm-up included).")
+    fitted: bool = Field(description="False while the conservative default holds.")
+    overhead_s: float = Field(description="Median seconds a served request spends on the server outside U-Net "
+                              "calls (its batch's prompt encodings, serialization), over recent requests.")
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -97,3 +143,5 @@ ERROR_RESPONSES = {code: {"model": ErrorBody, "description": what} for code, wha
     401: "missing or wrong bearer token", 404: "unknown model", 413: "body too large",
     422: "invalid request", 500: "internal error (logged)", 503: "busy or shutting down; retry later",
 }.items()}
+DENY_RESPONSE = {409: {"model": DenyBody, "description": "admission denied this user (a request with a user block "
+                       "to a server with admission): run every step on the device"}}

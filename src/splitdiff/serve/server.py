@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from ..errors import UserError
+from .admission import Admission, AdmissionConfig
 from .app import MAX_BODY_BYTES, create_app
 from .connections import guarded_protocol
 from .engine import Engine
@@ -38,16 +39,29 @@ class Limits:
 
 
 def build_app(model: str, *, name: str | None = None, vae: str | None = None, token: str | None = None,
-              limits: Limits | None = None) -> FastAPI:
-    """Load the model and wire worker, engine and app; the engine starts with the app."""
+              limits: Limits | None = None, admission: AdmissionConfig | None = None) -> FastAPI:
+    """Load the model and wire worker, engine and app; the engine starts with the app.
+
+    With `admission` (a policy other than "off"), requests that carry a user block are
+    admitted by it; its profile is seeded by a short warm-up of the model here.
+    """
     limits = limits or Limits()
     if limits.max_batch < 1 or limits.max_waiting < 1:
         raise UserError("--max-batch and --max-waiting must be at least 1")
     if not 1 <= limits.max_steps <= MAX_STEPS:
         raise UserError(f"--max-steps must be within 1..{MAX_STEPS}")
+    if admission is not None and admission.policy == "off":
+        admission = None
+    if admission is not None:
+        admission.check(limits.max_batch)
     worker = Worker.load(model, name, vae, max_steps=limits.max_steps, max_size=limits.max_size)
     engine = Engine(worker, limits.max_batch, limits.max_waiting, max_bytes=limits.max_queue_bytes)
-    return create_app(engine, token, limits.max_body_bytes, limits.body_timeout)
+    if admission is not None and admission.warm_up:
+        from .profile import warm_up
+
+        engine.profile.seed(warm_up(worker, admission.capacity))
+    return create_app(engine, token, limits.max_body_bytes, limits.body_timeout,
+                      admission=Admission(engine, admission) if admission is not None else None)
 
 
 def _config(app: FastAPI, log_level: str, limits: Limits | None, **kw) -> uvicorn.Config:
@@ -67,7 +81,10 @@ class Server(uvicorn.Server):
     """
 
     async def shutdown(self, sockets=None) -> None:
-        await asyncio.to_thread(self.config.app.state.engine.stop)
+        state = self.config.app.state
+        if getattr(state, "admission", None) is not None:
+            await asyncio.to_thread(state.admission.stop)
+        await asyncio.to_thread(state.engine.stop)
         await super().shutdown(sockets)
 
 
