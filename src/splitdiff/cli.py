@@ -14,6 +14,7 @@ import typer
 
 from .cli_options import MAX_STEPS, SEED_MAX, SEED_MIN, check_guidance, check_output, finite
 from .errors import UserError
+from .users.pai import format_pai
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Split diffusion-model inference across time, space and users.")
@@ -56,10 +57,20 @@ def _pipeline_for(plan, model: list[str] | None, vae: Optional[str], decoder: st
 
     specs = parse_model_specs(model)
     sources = {name: resolve(name, specs) for name in dict.fromkeys(s.model for s in plan)}
+    adapters = None
+    if any(s.adapter for s in plan):  # users' adapters: refused before any model is loaded when missing
+        from .users.plans import AdapterSet
+
+        adapters = AdapterSet()
+        for s in plan:
+            if s.adapter:
+                adapters.resolve(s.adapter)
     if vae is None:
         first = Path(next(iter(sources.values())))
         vae = str(first) if (first / "vae" / "config.json").exists() else ("tiny-decoder" if decoder == "tiny" else "vae")
-    return load_pipeline(sources, vae)
+    pipe = load_pipeline(sources, vae)
+    pipe.adapters = adapters
+    return pipe
 
 
 def _image_text(traj) -> dict[str, str]:
@@ -232,7 +243,7 @@ def serve(
     solver: str = typer.Option("exact", help="The planner's solver (see `splitdiff plan`)."),
     planner_timeout: float = typer.Option(1.0, min=0.001, max=60, callback=finite, help="Seconds the planner may "
                                           "take before FIFO decides the window."),
-    pai: str = typer.Option("0.4,15", help="The PAI curve A,B the planner weighs splits with: "
+    pai: str = typer.Option(format_pai(), help="The PAI curve A,B the planner weighs splits with: "
                             "1 / (1 + exp(-A (n - B))), n the device's steps."),
 ):
     """Serve a model's first steps over HTTP with step-level batching (API docs at /docs)."""
@@ -240,7 +251,8 @@ def serve(
         raise UserError(f"--role {role!r} is not served; the edge runs `generate --cloud-url`")
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise UserError(f"--log-level must be critical, error, warning, info or debug, not {log_level!r}")
-    from .serve.admission import AdmissionConfig, parse_pai
+    from .serve.admission import AdmissionConfig
+    from .users.pai import parse_pai
     from .serve.auth import load_token
     from .serve.server import Limits, build_app, run
 
@@ -453,6 +465,37 @@ def bench_serve_cmd(
                 load_seconds=load_seconds, max_batch=max_batch, steps=steps, cloud_steps=cloud_steps, size=size)
 
 
+@bench_app.command("personalize")
+def bench_personalize_cmd(
+    out: Path = typer.Option(Path("docs/bench/personalize")),
+    users: Optional[str] = typer.Option(None, help="Users, comma-separated (default: every installed adapter)."),
+    steps: str = typer.Option("25,50", help="Total steps T to measure, comma-separated."),
+    prompts: int = typer.Option(32, min=1, max=1024, help="Prompts (images) per user, T and n."),
+    shared: str = typer.Option("cloud", help="The shared model (the server's)."),
+    device: str = typer.Option("edge", help="The device model the adapters are for."),
+    vae: str = typer.Option("vae"), seed: int = typer.Option(0, min=0, max=SEED_MAX),
+    every: str = typer.Option("", help="T=STRIDE pairs, comma-separated: measure every STRIDE-th n for that T "
+                              "(e.g. 50=2; default every n)."),
+):
+    """The personalization curve: concept presence and PAI against n, the adapter's share of T steps."""
+    from .bench.personalize import bench_personalize
+
+    try:
+        totals = tuple(int(t) for t in steps.split(","))
+    except ValueError:
+        raise UserError(f"--steps {steps!r} is not a comma-separated list of step counts") from None
+    if not all(1 <= t <= MAX_STEPS for t in totals):
+        raise UserError(f"--steps must be within 1..{MAX_STEPS}")
+    try:
+        strides = {int(t): int(e) for t, e in (p.split("=") for p in every.split(",") if p)}
+    except ValueError:
+        raise UserError(f"--every {every!r} is not a list of T=STRIDE pairs, e.g. 50=2") from None
+    if any(e < 1 for e in strides.values()):
+        raise UserError("--every strides must be at least 1")
+    bench_personalize(out, users=users.split(",") if users else None, steps=totals, k=prompts, shared=shared,
+                      device=device, vae=vae, seed=seed, every=strides)
+
+
 @bench_app.command("queue-memory")
 def bench_queue_memory_cmd(
     model: str = typer.Option("cloud", help="The served U-Net: a registry name or a diffusers folder."),
@@ -482,6 +525,86 @@ def validate_evaluator_cmd(n: int = typer.Option(512, min=16), out: Optional[Pat
     from .eval.validate import print_validation, validate
 
     print_validation(validate(n), out)
+
+
+@app.command()
+def personalize(
+    user: str = typer.Option(..., help="The user's name: a-z, 0-9, '_' and '-'."),
+    concept: str = typer.Option(..., help="What the token stands for: [COLOR] [TEXTURE] SHAPE, e.g. 'red heart'."),
+    token: str = typer.Option("sks", help="The rare word prompts write the concept with."),
+    steps: int = typer.Option(500, min=1, help="Training steps (8 concept + 8 prior renders each)."),
+    out: Optional[Path] = typer.Option(None, help="Adapter folder (default: the users folder's USER)."),
+    run_dir: Optional[Path] = typer.Option(None, help="Checkpoint folder (default runs/users/USER)."),
+    base: str = typer.Option("edge", help="The device U-Net: a registry name or a diffusers folder."),
+    vae: str = typer.Option("vae", help="The VAE that encodes the renders."),
+    lr: float = typer.Option(1e-3, min=0.0, callback=finite),
+    seed: int = typer.Option(0, min=0),
+    check: int = typer.Option(32, min=0, help="Prompts to measure concept presence with when done (0: skip)."),
+    max_minutes: Optional[float] = MAX_MINUTES,
+):
+    """A user's LoRA adapter on the device U-Net, from renders of their private concept (resumable)."""
+    from .users.personalize import PersonalizeConfig, personalize as run_personalize
+
+    ref = run_personalize(user, concept, token, out=out, run_dir=run_dir, base=base, vae=vae, max_minutes=max_minutes,
+                          check_prompts=check, config=PersonalizeConfig(steps=steps, lr=lr, seed=seed))
+    presence = ref.record().get("presence")
+    if presence:
+        typer.echo(f"concept presence over {presence['prompts']} prompts: adapter {presence['adapter']:.3f}, "
+                   f"base U-Net {presence['base']:.3f}")
+    typer.echo(f"wrote {ref.path} (sha256 {ref.sha256[:12]})")
+
+
+@train_app.command("concept-recognizer")
+def train_concept_recognizer_cmd(
+    run_dir: Path = typer.Option(Path("runs/concept-recognizer")), steps: int = typer.Option(4500, min=1),
+    max_minutes: Optional[float] = MAX_MINUTES, out: Optional[Path] = typer.Option(None),
+):
+    """The concept recognizer behind concept presence (starts from the evaluator's weights)."""
+    from .eval.concepts import WEIGHTS
+    from .train.concept_recognizer import train_concept_recognizer
+
+    train_concept_recognizer(run_dir, steps=steps, max_minutes=max_minutes, out=out or WEIGHTS)
+
+
+@app.command("validate-concepts")
+def validate_concepts_cmd(n: int = typer.Option(512, min=16), out: Optional[Path] = typer.Option(None)):
+    """The concept recognizer's validation figures: fresh renders, presence, the base world and noise."""
+    from .eval.validate_concepts import validate_concepts
+
+    if out is not None:
+        check_output(out, "--out")
+    _print_figures(validate_concepts(n), out)
+
+
+@app.command("validate-adapter")
+def validate_adapter_cmd(
+    adapter: str = typer.Argument(..., help="A user name (in the users folder) or an adapter folder."),
+    prompts: int = typer.Option(32, min=1, help="Prompts with the user's token."),
+    steps: int = typer.Option(25, min=1, max=MAX_STEPS), base: str = typer.Option("edge", help="The device U-Net."),
+    vae: str = typer.Option("vae"), seed: int = typer.Option(0, min=0), out: Optional[Path] = typer.Option(None),
+    record: bool = typer.Option(False, help="Also write the figures into the adapter's training.json and card."),
+):
+    """Concept presence with a user's adapter alone and with the base U-Net alone (the concept recognizer's reading)."""
+    from .users.adapters import resolve_adapter
+    from .users.personalize import record_presence
+    from .users.presence import concept_presence
+
+    if out is not None:
+        check_output(out, "--out")
+    ref = resolve_adapter(adapter)
+    figures = concept_presence(ref, prompts, steps, base, vae, seed)
+    _print_figures(figures, out)
+    if record:
+        record_presence(ref, figures)
+
+
+def _print_figures(figures: dict, out: Optional[Path]) -> None:
+    from .eval.validate import print_validation
+    from .io import atomic_write_bytes
+
+    print_validation(figures)
+    if out is not None:
+        atomic_write_bytes(out, (json.dumps(figures, indent=2) + "\n").encode())
 
 
 @app.command("plan")
@@ -555,13 +678,18 @@ def bench_users_cmd(
     cloud_steps: int = typer.Option(10, min=1, help="The split users ask for (what FIFO grants)."),
     steps: int = typer.Option(25, min=2, max=MAX_STEPS), size: int = typer.Option(64, min=16),
     seed: int = typer.Option(0, min=0),
+    adapters: str = typer.Option("all", help="The users' adapters, handed out in turn: 'all' installed, 'none', "
+                                 "or names, comma-separated."),
+    pai: str = typer.Option(format_pai(), help="The PAI curve A,B (the planner's, and the objective's)."),
 ):
     """Admission end to end: a real server, simulated users of different device speeds, every policy."""
     from .bench.users import bench_users
+    from .users.pai import parse_pai
 
+    names = None if adapters == "all" else [] if adapters == "none" else [a for a in adapters.split(",") if a]
     bench_users(out, model=model, edge_model=edge_model, vae=vae, users=users, waves=waves, gap=gap, window=window,
                 capacity=capacity, steps=steps, size=size, cloud_steps=cloud_steps, policies=policies, seed=seed,
-                echo=typer.echo)
+                adapters=names, curve=parse_pai(pai), echo=typer.echo)
 
 
 def _register_axes() -> None:

@@ -23,7 +23,7 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -31,12 +31,12 @@ import numpy as np
 
 from . import write_csv
 from ..errors import UserError
+from ..users.pai import MEASURED as MEASURED_PAI, pai
 from .serve import ServerProcess, _edge_vae, scrape
 
 POLICIES = ("planner", "fifo", "all-offload", "all-local")
 DEVICE_TAUS = (0.12, 0.15, 0.19, 0.24, 0.30, 0.37, 0.46, 0.56)  # seconds per step, eight device classes
 ALPHA_RANGE = (0.5, 3.0)  # splitdiff's scenario family (users.planner.families)
-PAI = (0.4, 15.0)
 TOLERANCE = 0.15
 DEVICE_NICE = 5
 
@@ -50,20 +50,36 @@ class SimUser:
     wave: int
     prompt: str
     seed: int
+    adapter: str | None = None  # the user's own adapter for the device's steps (None: the base edge U-Net)
 
 
-def draw_users(n: int, waves: int, gap: float, spread: float, seed: int) -> list[SimUser]:
-    """n users over `waves` waves `gap` seconds apart; every device class in turn, shuffled, alphas uniform."""
+def draw_users(n: int, waves: int, gap: float, spread: float, seed: int,
+               adapters: dict[str, tuple[str, str]] | None = None) -> list[SimUser]:
+    """n users over `waves` waves `gap` seconds apart; every device class in turn, shuffled, alphas uniform.
+
+    `adapters` (name -> (concept, token)) are handed out in turn, and each user's prompt
+    then shows its concept, written with its token; without, prompts of the base world.
+    """
+    import random
+
     from ..world import prompt_set
+    from ..world.concepts import concept_prompt, parse_concept, sample_concept_scene
 
     rng = np.random.default_rng(seed)
     taus = np.resize(np.array(DEVICE_TAUS), n)[rng.permutation(n)]
     alphas = rng.uniform(*ALPHA_RANGE, size=n)
     per_wave = math.ceil(n / waves)
-    prompts = prompt_set(n)
     offsets = rng.uniform(0, spread, size=n)
+    names = sorted(adapters or {})
+    owned = [names[i % len(names)] if names else None for i in range(n)]
+    prompts = prompt_set(n)
+    for i, name in enumerate(owned):
+        if name is not None and all(adapters[name]):
+            concept, token = adapters[name]
+            parsed = parse_concept(concept)
+            prompts[i] = concept_prompt(sample_concept_scene(random.Random(seed * 1009 + i), parsed), parsed, token)
     return [SimUser(f"u{i:02d}", float(taus[i]), float(alphas[i]), (i // per_wave) * gap + float(offsets[i]),
-                    i // per_wave, prompts[i], i) for i in range(n)]
+                    i // per_wave, prompts[i], i, owned[i]) for i in range(n)]
 
 
 class Pacer:
@@ -96,10 +112,20 @@ class Pacer:
 
 
 class Devices:
-    """One edge pipeline shared by the simulated devices (the text encoder behind a lock)."""
+    """The simulated devices' edge pipeline (the text encoder behind a lock), one U-Net per adapter.
 
-    def __init__(self, edge_model: str, vae: str | None):
+    A real device holds its own U-Net with its own adapter. Here the devices are threads
+    of one process, and putting an adapter on or off a U-Net changes that module; so each
+    adapter gets its own copy of the edge U-Net with the adapter loaded and active for
+    good, which the users of that adapter share (inference only reads it).
+    """
+
+    def __init__(self, edge_model: str, vae: str | None, adapters: list[str] = ()):
+        import copy
+
         from ..hybrid.pipeline import load_pipeline
+        from ..users.adapters import load_adapter, use_adapter
+        from ..users.plans import AdapterSet
 
         self.pipe = load_pipeline({"edge": edge_model}, vae or _edge_vae())
         self._lock = threading.Lock()
@@ -122,20 +148,31 @@ class Devices:
                 return decode(traj)
 
         self.pipe.decode = locked_decode
+        self.pipes = {None: self.pipe}
+        for name in adapters:
+            own = AdapterSet()
+            unet = copy.deepcopy(self.pipe.unets["edge"])
+            ref = own.resolve(name)
+            load_adapter(unet, ref)
+            use_adapter(unet, ref)
+            pipe = copy.copy(self.pipe)  # the same encoder, VAE and locks; its own U-Net
+            pipe.unets, pipe.adapters = {"edge": unet}, own
+            self.pipes[name] = pipe
 
     def run(self, user: SimUser, url: str, steps: int, size: int, cloud_steps: int) -> dict:
         from ..core.plan import PlanSegment
         from ..serve.client import CloudClient
         from ..serve.edge import run_with_cloud
 
-        plan = (PlanSegment("cloud", cloud_steps), PlanSegment("edge", steps - cloud_steps))
+        plan = (PlanSegment("cloud", cloud_steps), PlanSegment("edge", steps - cloud_steps, adapter=user.adapter))
+        pipe = self.pipes[user.adapter]
         pacer = Pacer(user.tau, "cloud")
         self._local.pacer = pacer
         warnings = []
         block = {"id": user.id, "device_step_seconds": user.tau, "alpha": user.alpha}
         start = time.perf_counter()
         with CloudClient(url, timeout=600, tries=1) as client:
-            traj, handoff = run_with_cloud(self.pipe, plan, client, user.prompt, steps=steps, size=size,
+            traj, handoff = run_with_cloud(pipe, plan, client, user.prompt, steps=steps, size=size,
                                            seed=user.seed, user=block, on_step=pacer, warn=warnings.append)
         measured = time.perf_counter() - start
         t = time.perf_counter()
@@ -166,24 +203,19 @@ def _yield_to_server() -> None:
         pass
 
 
-def pai(n, curve=PAI) -> float:
-    a, b = curve
-    return 1.0 / (1.0 + math.exp(-a * (n - b)))
-
-
 def run_policy(policy: str, users: list[SimUser], devices: Devices, out: Path, *, model: str, vae: str | None,
                steps: int, size: int, window: float, capacity: int, cloud_steps: int, gap: float,
-               echo=print) -> tuple[list, dict]:
+               curve: tuple[float, float] = MEASURED_PAI, echo=print) -> tuple[list, dict]:
     """The same users and arrivals against a server with this admission policy; (per-user rows, totals).
 
     The first wave is played once unscored, `gap` seconds before the scored run: a fresh
     server's profile is its idle start-up warm-up, and a running server's is the live
     one its own traffic made.
     """
-    warm = [SimUser(f"warm-{u.id}", u.tau, u.alpha, u.arrival, -1, u.prompt, u.seed) for u in users if u.wave == 0]
-    users = [SimUser(u.id, u.tau, u.alpha, u.arrival + gap, u.wave, u.prompt, u.seed) for u in users]
+    warm = [replace(u, id=f"warm-{u.id}", wave=-1) for u in users if u.wave == 0]
+    users = [replace(u, arrival=u.arrival + gap) for u in users]
     extra = ("--admission", policy, "--window", str(window), "--capacity", str(capacity),
-             "--pai", f"{PAI[0]},{PAI[1]}", "--planner-timeout", "2")
+             "--pai", f"{curve[0]},{curve[1]}", "--planner-timeout", "2")
     rows: list[dict] = []
     with ServerProcess(model, vae, max(capacity, 8), out / "server.log", extra=extra,
                        env={"OMP_NUM_THREADS": "1"}) as server:
@@ -200,9 +232,9 @@ def run_policy(policy: str, users: list[SimUser], devices: Devices, out: Path, *
             n = got.get("device_steps", steps)
             measured = got.get("measured_s", float("nan"))
             rows.append({"policy": policy, "user": u.id, "wave": u.wave, "tau_s": u.tau, "alpha": u.alpha,
-                         "arrival_s": u.arrival, **got, "pai": pai(n),
+                         "adapter": u.adapter or "", "arrival_s": u.arrival, **got, "pai": pai(n, curve),
                          "error": (got.get("predicted_s", float("nan")) - measured) / measured,
-                         "value": u.alpha * pai(n) - measured})
+                         "value": u.alpha * pai(n, curve) - measured})
 
         threads = [threading.Thread(target=one, args=(u,)) for u in warm + users]
         for t in threads:
@@ -289,8 +321,15 @@ def _plots(out: Path, rows: list[dict], totals: list[dict]) -> None:
 def bench_users(out: Path, *, model: str = "cloud", edge_model: str = "edge", vae: str | None = None,
                 users: int = 12, waves: int = 2, gap: float = 15.0, window: float = 0.5, capacity: int = 3,
                 steps: int = 25, size: int = 64, cloud_steps: int = 10, policies: str = ",".join(POLICIES),
-                seed: int = 0, echo=print) -> dict:
-    """Every policy on the same users and arrivals; CSVs and PNGs under `out`."""
+                seed: int = 0, adapters: list[str] | None = None, curve: tuple[float, float] = MEASURED_PAI,
+                echo=print) -> dict:
+    """Every policy on the same users and arrivals; CSVs and PNGs under `out`.
+
+    `adapters`: the users' adapters, handed out in turn (None: every installed one; []: none).
+    """
+    from ..users.adapters import list_adapters
+    from ..users.plans import AdapterSet
+
     import torch
 
     chosen = [p.strip() for p in policies.split(",") if p.strip()]
@@ -301,8 +340,11 @@ def bench_users(out: Path, *, model: str = "cloud", edge_model: str = "edge", va
         raise UserError("--users and --waves must be >= 1 and --cloud-steps within 1..steps-1")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # many devices in one process: spinning threads would slow every step
-    sim = draw_users(users, waves, gap, 0.6 * window, seed)
-    devices = Devices(edge_model, vae)
+    names = list_adapters() if adapters is None else list(adapters)
+    refs = AdapterSet()
+    owned = {name: (refs.resolve(name).concept, refs.resolve(name).token) for name in names}
+    sim = draw_users(users, waves, gap, 0.6 * window, seed, owned)
+    devices = Devices(edge_model, vae, names)
     from ..core.runner import advance
 
     warm = devices.pipe.start(sim[0].prompt, steps=steps, size=size)  # first calls pay for allocations
@@ -310,7 +352,8 @@ def bench_users(out: Path, *, model: str = "cloud", edge_model: str = "edge", va
     all_rows, totals = [], []
     for policy in chosen:
         rows, total = run_policy(policy, sim, devices, out, model=model, vae=vae, steps=steps, size=size,
-                                 window=window, capacity=capacity, cloud_steps=cloud_steps, gap=gap, echo=echo)
+                                 window=window, capacity=capacity, cloud_steps=cloud_steps, gap=gap, curve=curve,
+                                 echo=echo)
         all_rows += rows
         totals.append(total)
     write_csv(out / "users.csv", all_rows)

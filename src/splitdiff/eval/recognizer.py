@@ -46,12 +46,16 @@ class Recognizer(nn.Module):
                                    align_corners=False)
         return images
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B x FEATURE_DIM image features, B x 9 x 192 cell features): what every head reads."""
         h = self.body(self.prepare(images))
         cells = self.cells(h).flatten(2).transpose(1, 2)  # B x 9 x C
         glob = h.mean((2, 3))
         feats = self.features(torch.cat([glob, cells.flatten(1)], 1))
-        per_cell = self.cell_mlp(torch.cat([cells, feats[:, None].expand(-1, N_CELLS, -1)], 2))
+        return feats, self.cell_mlp(torch.cat([cells, feats[:, None].expand(-1, N_CELLS, -1)], 2))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats, per_cell = self.encode(images)
         return {
             "features": feats,
             "background": self.background(feats),

@@ -36,6 +36,7 @@ from prometheus_client import Counter, Histogram
 from ..errors import UserError
 from ..users.planner import registry
 from ..users.planner.latency import Decision, latencies
+from ..users.pai import MEASURED as MEASURED_PAI
 from ..users.planner.scenario import MAX_USERS, Instance, Scenario
 from .engine import Engine, EngineFailure, ShuttingDown
 from .order import FLOAT_BYTES, Order
@@ -45,7 +46,6 @@ from .schemas import UserBlock
 log = logging.getLogger("splitdiff.serve")
 
 POLICIES = ("off", "planner", "fifo", "all-offload", "all-local")
-DEFAULT_PAI = (0.4, 15.0)  # splitdiff's family (users.planner.families) until a measured curve replaces it
 PLANNER_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5)
 
 
@@ -58,7 +58,7 @@ class AdmissionConfig:
     capacity: int | None = None  # most users served at once; default: the engine's max batch
     solver: str = "exact"
     timeout: float = 1.0  # seconds the planner may take before the fallback decides
-    pai: tuple[float, float] = DEFAULT_PAI  # PAI(n) = 1 / (1 + exp(-a (n - b)))
+    pai: tuple[float, float] = MEASURED_PAI  # PAI(n) = 1 / (1 + exp(-a (n - b)))
     min_device_steps: int = 1  # fewest steps a granted user runs on its device
     bandwidth_bps: float = 1e9  # each user's link, for the handoff's transmission time
     warm_up: bool = True  # time the U-Net at start-up to seed the profile
@@ -324,15 +324,6 @@ class Admission:
         if granted.shape != (inst.N,) or d.B > inst.capacity or not inst.splits_are_feasible(n[granted]):
             raise ValueError("the planner's decision breaks the scenario's capacity or split range")
         return d
-
-
-def parse_pai(text: str) -> tuple[float, float]:
-    """'A,B' -> (A, B), the PAI curve's slope and midpoint."""
-    try:
-        a, b = (float(x) for x in text.split(","))
-    except ValueError:
-        raise UserError(f"--pai {text!r} must be A,B (two numbers, e.g. 0.4,15)") from None
-    return a, b
 
 
 def fifo(inst: Instance, group: list[Ticket]) -> Decision:

@@ -39,8 +39,8 @@ def _expect(value: str, allowed, what: str, prompt: str) -> str:
     return value
 
 
-def parse_prompt(prompt: str) -> Scene:
-    """The scene a prompt describes; PromptError names the first word out of place."""
+def split_prompt(prompt: str) -> tuple[str, list[str]]:
+    """A prompt's background name and its object phrases, in order; PromptError when it has no such shape."""
     text = " ".join(prompt.strip().lower().rstrip(".").split())
     if not text:
         raise PromptError("empty prompt")
@@ -51,19 +51,27 @@ def parse_prompt(prompt: str) -> Scene:
     if not m:
         raise PromptError(f"cannot read background phrase {tail!r}")
     background = _expect(m.group(1), BACKGROUND_NAMES, "background color", prompt)
-    parts = [p.strip() for p in re.split(r",\s*|\s+and\s+", body) if p.strip()]
-    objects = []
-    for part in parts:
-        om = _OBJECT.match(part)
-        if not om:
-            word = part.split()[0] if part.split() else part
-            raise PromptError(f"cannot read object phrase {part!r} (at {word!r})")
-        size, color, shape, where = om.groups()
-        _expect(size, SIZES, "size", prompt)
-        _expect(color, COLOR_NAMES, "color", prompt)
-        _expect(shape, SHAPES, "shape", prompt)
-        _expect(where, CELL_NAMES, "position", prompt)
-        objects.append(SceneObject(shape, color, size, CELL_NAMES.index(where)))
+    return background, [p.strip() for p in re.split(r",\s*|\s+and\s+", body) if p.strip()]
+
+
+def parse_object(part: str, prompt: str) -> SceneObject:
+    """One object phrase ('a large red circle at the top left') of `prompt`."""
+    om = _OBJECT.match(part)
+    if not om:
+        word = part.split()[0] if part.split() else part
+        raise PromptError(f"cannot read object phrase {part!r} (at {word!r})")
+    size, color, shape, where = om.groups()
+    _expect(size, SIZES, "size", prompt)
+    _expect(color, COLOR_NAMES, "color", prompt)
+    _expect(shape, SHAPES, "shape", prompt)
+    _expect(where, CELL_NAMES, "position", prompt)
+    return SceneObject(shape, color, size, CELL_NAMES.index(where))
+
+
+def parse_prompt(prompt: str) -> Scene:
+    """The scene a prompt describes; PromptError names the first word out of place."""
+    background, parts = split_prompt(prompt)
+    objects = [parse_object(part, prompt) for part in parts]
     try:
         return Scene(background, tuple(objects))
     except ValueError as e:

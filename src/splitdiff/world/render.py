@@ -30,8 +30,9 @@ def _polygon(cx, cy, radii, n_points, phase=-math.pi / 2):
     return pts
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, o: SceneObject, cx: float, cy: float, r: float):
-    fill = COLORS[o.color]
+def _draw_object(draw: ImageDraw.ImageDraw, o: SceneObject, cx: float, cy: float, r: float, fill=None):
+    """One base shape; `fill` replaces the object's colour (255 draws it into a mask)."""
+    fill = COLORS[o.color] if fill is None else fill
     if o.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif o.shape == "ring":
@@ -51,8 +52,12 @@ def _draw_object(draw: ImageDraw.ImageDraw, o: SceneObject, cx: float, cy: float
         raise ValueError(o.shape)
 
 
-def render(scene: Scene, size: int = 64, seed: int = 0) -> Image.Image:
-    """The scene as an RGB image of size x size pixels, deterministic for (scene, seed)."""
+def render(scene: Scene, size: int = 64, seed: int = 0, draw_object=_draw_object) -> Image.Image:
+    """The scene as an RGB image of size x size pixels, deterministic for (scene, seed).
+
+    `draw_object(draw, o, cx, cy, r)` draws one object at its jittered place and radius
+    (in supersampled pixels); private concepts (world/concepts.py) bring their own.
+    """
     if size < 16:
         raise ValueError("render size must be at least 16 px")
     rng = random.Random(seed)
@@ -64,7 +69,7 @@ def render(scene: Scene, size: int = 64, seed: int = 0) -> Image.Image:
         cx = ((col + 0.5) / 3 + rng.uniform(-POSITION_JITTER, POSITION_JITTER)) * big
         cy = ((row + 0.5) / 3 + rng.uniform(-POSITION_JITTER, POSITION_JITTER)) * big
         r = RADIUS[o.size] * (1 + rng.uniform(-SIZE_JITTER, SIZE_JITTER)) * big
-        _draw_object(draw, o, cx, cy, r)
+        draw_object(draw, o, cx, cy, r)
     return img.resize((size, size), Image.Resampling.BOX)
 
 

@@ -68,12 +68,17 @@ class SceneObject:
     def __post_init__(self):
         if self.shape not in SHAPES:
             raise ValueError(f"unknown shape {self.shape!r}")
-        if self.color not in COLORS:
-            raise ValueError(f"unknown color {self.color!r}")
-        if self.size not in SIZES:
-            raise ValueError(f"unknown size {self.size!r}")
-        if not 0 <= self.cell < N_CELLS:
-            raise ValueError(f"cell {self.cell} is outside the 3x3 grid")
+        check_placement(self.color, self.size, self.cell)
+
+
+def check_placement(color: str, size: str, cell: int) -> None:
+    """ValueError unless colour, size and cell are the world's."""
+    if color not in COLORS:
+        raise ValueError(f"unknown color {color!r}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}")
+    if not 0 <= cell < N_CELLS:
+        raise ValueError(f"cell {cell} is outside the 3x3 grid")
 
 
 @dataclass(frozen=True)

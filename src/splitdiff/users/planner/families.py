@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..pai import MEASURED as MEASURED_PAI
 from .scenario import Latency, Scenario, Transmission
 
 PAPER_T = 200
@@ -50,15 +51,15 @@ def paper_scenario(N: int, rng: np.random.Generator | int, latency: Latency = "c
 
 def splitdiff_scenario(N: int, rng: np.random.Generator | int, k_e: float, h_e: float,
                        device_taus: list[float] | tuple[float, ...], T: int = 25, capacity: int = 16,
-                       pai: tuple[float, float] = (0.4, 15.0), alpha_range: tuple[float, float] = (0.5, 3.0),
+                       pai: tuple[float, float] = MEASURED_PAI, alpha_range: tuple[float, float] = (0.5, 3.0),
                        n_range: tuple[int, int] = (0, 25), payload_bits: float = 8 * 160e3,
                        bandwidth_hz: float = 1e9, window: float = 0.05,
                        latency: Latency = "shrinking-batch") -> Scenario:
     """splitdiff's own family: pass the server's fitted k_e, h_e (seconds per step: k_e B + h_e) and the
     devices' measured seconds per step; users draw a device uniformly.
 
-    The defaults for the PAI curve and alpha are placeholders until the adapters' PAI is
-    measured; the payload is a trajectory's size (latents, prompt embeddings, schedule).
+    The PAI curve is the one measured on the shipped adapters (users.pai); alpha's range
+    is splitdiff's choice; the payload is a trajectory's size (latents, prompt embeddings, schedule).
     Whole splits and the shrinking batch: that is what splitdiff's server runs.
     """
     rng = np.random.default_rng(rng)
