@@ -69,6 +69,26 @@ def test_pause_serialize_resume_after_every_step_is_bit_identical(models, embeds
 
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_a_forked_prefix_equals_separate_runs(models, embeds, scheduler):
+    """One shared prefix on the large model, branched into suffixes of different lengths on the small one."""
+    large, small, _ = models
+    shared = _traj(embeds, scheduler)
+    advance(large, [shared], 2, "large")
+    branches = shared.fork(3)
+    assert len({id(b.scheduler) for b in branches} | {id(shared.scheduler)}) == 4
+    for k, branch in enumerate(branches):
+        advance(large, [branch], k, "large")
+        advance(small, [branch], STEPS - 2 - k, "small")
+        separate = _traj(embeds, scheduler)
+        advance(large, [separate], 2 + k, "large")
+        advance(small, [separate], STEPS - 2 - k, "small")
+        assert torch.equal(branch.latents, separate.latents)
+        assert [(s.model, s.start, s.end) for s in branch.provenance] == \
+            [(s.model, s.start, s.end) for s in separate.provenance]
+    assert shared.step_index == 2 and shared.fork(0) == []
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_two_model_plan_equals_hand_written_switch(models, embeds, scheduler):
     big, small, _ = models
     emb, neg = embeds

@@ -129,6 +129,18 @@ class Trajectory:
             self.provenance.append(Segment(model, self.step_index - steps, self.step_index, seconds, where, adapter,
                                            adapter_sha256))
 
+    def fork(self, n: int) -> list["Trajectory"]:
+        """`n` independent copies of this state, bit for bit (latents, scheduler, RNG, provenance).
+
+        One shared prefix branched into suffixes that run on: each branch computes exactly
+        what a separate run to this step and on would have. The copies go through the
+        trajectory's own bytes, so they share nothing with this one or with each other.
+        """
+        if n < 0:
+            raise ValueError(f"cannot fork into {n} branches")
+        data = self.to_bytes()
+        return [Trajectory.from_bytes(data) for _ in range(n)]
+
     # -- bytes --------------------------------------------------------------------
     def to_bytes(self, half: bool = False) -> bytes:
         """safetensors bytes; `half` stores floating tensors as fp16 (smaller, not bit-exact)."""
