@@ -52,23 +52,18 @@ def _progress(plan_total: int):
 
 
 def _pipeline_for(plan, model: list[str] | None, vae: Optional[str], decoder: str):
+    """The models the plan names, loaded through the library's SplitPipeline; its HybridPipeline."""
     from .core.registry import parse_model_specs, resolve
-    from .hybrid.pipeline import load_pipeline
+    from .pipeline import SplitPipeline
+    from .users.plans import AdapterSet
 
     specs = parse_model_specs(model)
     sources = {name: resolve(name, specs) for name in dict.fromkeys(s.model for s in plan)}
-    adapters = None
-    if any(s.adapter for s in plan):  # users' adapters: refused before any model is loaded when missing
-        from .users.plans import AdapterSet
-
-        adapters = AdapterSet()
-        for s in plan:
-            if s.adapter:
-                adapters.resolve(s.adapter)
-    if vae is None:
-        first = Path(next(iter(sources.values())))
-        vae = str(first) if (first / "vae" / "config.json").exists() else ("tiny-decoder" if decoder == "tiny" else "vae")
-    pipe = load_pipeline(sources, vae)
+    adapters = AdapterSet()
+    for s in plan:  # users' adapters: refused before any model is loaded when missing
+        if s.adapter:
+            adapters.resolve(s.adapter)
+    pipe = SplitPipeline.from_pretrained(sources, vae=vae, decoder=decoder).hybrid
     pipe.adapters = adapters
     return pipe
 

@@ -1,0 +1,130 @@
+"""The library's face: one pipeline object, loaded and called the way diffusers' pipelines are.
+
+    from splitdiff import SplitPipeline
+
+    pipe = SplitPipeline.from_pretrained({"cloud": "cloud", "edge": "edge"})
+    out = pipe("a large red circle at the top left, on a navy background", plan="cloud:10,edge:15")
+    out.images[0].save("circle.png")
+
+It composes what the axes build (the time axis' HybridPipeline, the users axis'
+adapters) and adds nothing to the denoising loop: every step still runs through the
+core's one runner, so what it makes is what `splitdiff generate` makes, bit for bit.
+`start`, `run` and `decode` give mid-flight control: a trajectory can be paused after
+any segment, sent elsewhere (`Trajectory.to_bytes`), forked, and finished by any model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from .core.plan import Plan, check_plan, format_plan, parse_plan, plan_steps
+from .core.trajectory import Trajectory
+from .errors import UserError
+
+OnStep = Callable[[str, int], None]  # (segment label, step within the segment)
+
+
+@dataclass
+class SplitOutput:
+    images: list  # PIL images, one per prompt
+    trajectories: list[Trajectory]  # finished; their provenance says which model ran which steps
+
+
+class SplitPipeline:
+    """U-Nets by plan name, one VAE and one text encoder; plans say which U-Net runs which steps."""
+
+    def __init__(self, hybrid):
+        self.hybrid = hybrid  # hybrid.pipeline.HybridPipeline: the models and the plan runner
+
+    @classmethod
+    def from_pretrained(cls, models: Mapping[str, str] | Sequence[str] = ("cloud", "edge"), vae: str | None = None,
+                        decoder: str = "full", users: str | Path | None = None) -> "SplitPipeline":
+        """Load U-Nets by plan name: {"cloud": "cloud", "edge": "/path/to/unet-or-pipeline-folder"}.
+
+        A value is a name of the embedded family or a diffusers folder; a sequence of names
+        loads those names as they are. `vae` names the VAE (default: a pipeline folder's
+        own, else the family's; `decoder="tiny"` takes the family's tiny decoder). `users`
+        is the folder of users' adapters that plans like `edge@ana:10` look up (default:
+        $SPLITDIFF_USERS, else the shipped ones).
+        """
+        from .core.registry import resolve
+        from .hybrid.pipeline import load_pipeline
+        from .users.plans import AdapterSet
+
+        specs = dict(models) if isinstance(models, Mapping) else {name: name for name in models}
+        if not specs:
+            raise UserError("from_pretrained needs at least one model")
+        sources = {name: resolve(name, specs) for name in specs}
+        if decoder not in ("full", "tiny"):
+            raise UserError(f"decoder must be full or tiny, not {decoder!r}")
+        if vae is None:
+            first = Path(next(iter(sources.values())))
+            vae = str(first) if (first / "vae" / "config.json").exists() else (
+                "tiny-decoder" if decoder == "tiny" else "vae")
+        hybrid = load_pipeline(sources, vae)
+        hybrid.adapters = AdapterSet(Path(users) if users is not None else None)
+        return cls(hybrid)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.hybrid.unets)
+
+    def plan(self, plan: str | Plan | None, steps: int, step_index: int = 0, pause: bool = False) -> Plan:
+        """A plan string or segments, checked against the steps; None runs every step on the first model.
+
+        With `pause`, the plan may stop short of the last step (the trajectory waits there).
+        """
+        if plan is None:
+            plan = f"{self.models[0]}:{steps - step_index}"
+        parsed = parse_plan(plan) if isinstance(plan, str) else tuple(plan)
+        if pause:
+            if plan_steps(parsed) > steps - step_index:
+                raise UserError(f"plan {format_plan(parsed)} runs {plan_steps(parsed)} steps but only "
+                                f"{steps - step_index} remain")
+        else:
+            check_plan(parsed, steps, step_index)
+        for seg in parsed:
+            if seg.adapter is not None:
+                self.hybrid.adapters.resolve(seg.adapter)  # a missing adapter is refused before any work
+        return parsed
+
+    def start(self, prompt: str | Sequence[str], *, seed: int | Sequence[int] = 0, negative_prompt: str = "",
+              steps: int = 25, scheduler: str = "dpmsolver++", guidance_scale: float = 5.0,
+              size: int = 64) -> list[Trajectory]:
+        """Trajectories at step 0, one per prompt; `seed` is one per prompt, or a first seed counted up."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        seeds = list(seed) if isinstance(seed, Sequence) else [seed + i for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        return self.hybrid.start_many(prompts, seeds, negative_prompt=negative_prompt, steps=steps,
+                                      scheduler=scheduler, guidance_scale=guidance_scale, size=size)
+
+    def run(self, traj: Trajectory, plan: str | Plan | None = None, on_step: OnStep | None = None,
+            pause: bool = False) -> Trajectory:
+        """Run the plan's segments on `traj` from where it stands (None: the rest on the first model).
+
+        With `pause` the plan may end early: `pipe.run(traj, "cloud:10", pause=True)`, then
+        `traj.to_bytes()` to send it, and any pipeline with a fitting model finishes it.
+        """
+        parsed = self.plan(plan, traj.num_steps, traj.step_index, pause)
+        self.hybrid.check(traj, parsed)
+        for seg in parsed:
+            self.hybrid.run_segment(traj, seg, on_step)
+        return traj
+
+    def decode(self, traj: Trajectory):
+        """The finished trajectory's image (PIL)."""
+        return self.hybrid.decode(traj)
+
+    def __call__(self, prompt: str | Sequence[str], plan: str | Plan | None = None, *, steps: int = 25,
+                 scheduler: str = "dpmsolver++", seed: int | Sequence[int] = 0, guidance_scale: float = 5.0,
+                 negative_prompt: str = "", size: int = 64, on_step: OnStep | None = None) -> SplitOutput:
+        """Generate one image per prompt with the plan; the trajectories come back with them."""
+        parsed = self.plan(plan, steps)
+        trajs = self.start(prompt, seed=seed, negative_prompt=negative_prompt, steps=steps, scheduler=scheduler,
+                           guidance_scale=guidance_scale, size=size)
+        for traj in trajs:
+            self.run(traj, parsed, on_step)
+        return SplitOutput([self.decode(t) for t in trajs], trajs)

@@ -1,0 +1,76 @@
+"""The library's face: SplitPipeline composes the hybrid pipeline and the core runner, adding nothing."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitdiff import SplitPipeline, Trajectory
+from splitdiff.core.plan import parse_plan
+from splitdiff.errors import UserError
+from splitdiff.hybrid.pipeline import load_pipeline
+
+PROMPT = "a large red circle at the top left, on a navy background"
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models_dir):
+    return SplitPipeline.from_pretrained({"cloud": str(tiny_models_dir / "big"), "edge": str(tiny_models_dir / "small")},
+                                         vae=str(tiny_models_dir / "vae"))
+
+
+def test_a_call_equals_the_hybrid_pipeline_step_for_step(pipe, tiny_models_dir):
+    out = pipe([PROMPT, "a small blue star at the center, on a white background"], plan="cloud:3,edge:3", steps=6,
+               seed=5, size=32)
+    assert len(out.images) == 2 and out.images[0].size == (32, 32)
+    hybrid = load_pipeline({"cloud": str(tiny_models_dir / "big"), "edge": str(tiny_models_dir / "small")},
+                           str(tiny_models_dir / "vae"))
+    ref = hybrid.start(PROMPT, seed=5, steps=6, size=32)
+    hybrid.run(ref, parse_plan("cloud:3,edge:3"))
+    assert torch.equal(out.trajectories[0].latents, ref.latents)
+    assert out.trajectories[1].seed == 6  # one seed counted up per prompt
+    assert [(s.model, s.start, s.end) for s in out.trajectories[0].provenance] == [("cloud", 0, 3), ("edge", 3, 6)]
+    assert out.images[0].tobytes() == hybrid.decode(ref).tobytes()
+
+
+def test_pause_send_and_finish_elsewhere_is_the_same_image(pipe):
+    whole = pipe(PROMPT, plan="cloud:2,edge:4", steps=6, seed=3, size=32)
+    traj = pipe.start(PROMPT, seed=3, steps=6, size=32)[0]
+    pipe.run(traj, "cloud:2", pause=True)
+    assert traj.step_index == 2
+    moved = Trajectory.from_bytes(traj.to_bytes())
+    pipe.run(moved, "edge:4")
+    assert moved.done and torch.equal(moved.latents, whole.trajectories[0].latents)
+    assert pipe.decode(moved).tobytes() == whole.images[0].tobytes()
+
+
+def test_default_plan_and_mistakes(pipe):
+    out = pipe(PROMPT, steps=4, size=32)
+    assert [(s.model, s.start, s.end) for s in out.trajectories[0].provenance] == [("cloud", 0, 4)]
+    with pytest.raises(UserError, match="runs 3 steps but 4 remain"):
+        pipe(PROMPT, plan="cloud:3", steps=4, size=32)
+    with pytest.raises(UserError, match="only 2 remain"):
+        traj = pipe.start(PROMPT, steps=4, size=32)[0]
+        pipe.run(traj, "cloud:2", pause=True)
+        pipe.run(traj, "edge:3", pause=True)
+    with pytest.raises(UserError, match="unknown user or adapter 'zed'"):
+        pipe(PROMPT, plan="cloud:2,edge@zed:2", steps=4, size=32)
+    with pytest.raises(UserError, match="2 prompts but 1 seeds"):
+        pipe.start([PROMPT, PROMPT], seed=[1])
+
+
+def test_importing_splitdiff_loads_no_torch():
+    code = "import sys, splitdiff; assert 'torch' not in sys.modules; print(splitdiff.__all__)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_readme_python_example_runs_as_shown(tmp_path, monkeypatch):
+    block = re.search(r"### From Python.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    assert (tmp_path / "ana.png").exists()
