@@ -63,8 +63,9 @@ def test_default_plan_and_mistakes(pipe):
         pipe.start([PROMPT, PROMPT], seed=[1])
 
 
-def test_importing_splitdiff_loads_no_torch():
-    code = "import sys, splitdiff; assert 'torch' not in sys.modules; print(splitdiff.__all__)"
+def test_importing_splitdiff_or_its_cli_loads_no_torch():
+    """`splitdiff --help` and usage errors answer at once; torch loads when a command needs it."""
+    code = "import sys, splitdiff, splitdiff.cli; assert 'torch' not in sys.modules, 'torch'; print(splitdiff.__all__)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 

@@ -20,7 +20,7 @@ import torch
 from . import write_csv
 from ..io import load_tensors
 from ..parallel import launch
-from ..parallel.launch import RankFailure
+from ..parallel.ranks import RankFailure
 from ..parallel.run import Job, encode, run
 from ..parallel.stats import CATEGORIES, per_step
 

@@ -9,15 +9,19 @@ plan's segment, patch-parallel.
 See docs/parallel.md.
 """
 
-from .comm import PeerFailure, setup, teardown
-from .context import MODES, Options
-from .geometry import RowSplit
-from .launch import RankFailure, launch
-from .segment import advance_parallel, check_parallel
-from .stats import CATEGORIES, Stats
-from .unet import PatchParallel, parallelize
+from importlib import import_module
 
-__all__ = [
-    "CATEGORIES", "MODES", "Options", "PatchParallel", "PeerFailure", "RankFailure", "RowSplit", "Stats",
-    "advance_parallel", "check_parallel", "launch", "parallelize", "setup", "teardown",
-]
+# name -> submodule; loaded on first use, so that the CLI (which only needs the modes) starts without torch
+_WHERE = {
+    "PeerFailure": "comm", "setup": "comm", "teardown": "comm", "MODES": "context", "Options": "context",
+    "RowSplit": "geometry", "RankFailure": "ranks", "launch": "ranks", "advance_parallel": "segment",
+    "check_parallel": "segment", "CATEGORIES": "stats", "Stats": "stats", "PatchParallel": "unet",
+    "parallelize": "unet",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'splitdiff.parallel' has no attribute {name!r}")
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)

@@ -54,7 +54,7 @@ def parallel(
                                   help="Seconds a rank waits on another before the run fails."),
 ) -> None:
     """Generate with the U-Net's steps cut into row patches across ranks."""
-    from .launch import RankFailure, launch
+    from .ranks import RankFailure, launch
     from .run import IMAGE_SUFFIXES, Job, encode, run
     from .stats import per_step
 
@@ -166,7 +166,7 @@ class PatchPlan:
     def _advance(self, source: str, name: str, traj, steps: int) -> None:
         """In place, as the core's runner advances; a failed rank is one line and exit code 1."""
         from ..core.trajectory import Trajectory
-        from .launch import RankFailure
+        from .ranks import RankFailure
         from .segment import advance_parallel
 
         try:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from .comm import Comm
 from .geometry import RowSplit
+
+if TYPE_CHECKING:  # the CLI reads MODES from here without loading torch
+    from .comm import Comm
 
 MODES = ("sync", "distrifusion", "pcpp")
 GROUPNORMS = ("sync", "async")

@@ -19,7 +19,7 @@ from ..errors import UserError
 from .comm import DEFAULT_TIMEOUT_S, setup
 from .context import Options
 from .geometry import RowSplit
-from .launch import launch
+from .ranks import launch
 from .run import load_unet
 from .unet import check_supported, downsamplings, parallelize
 
