@@ -8,7 +8,7 @@ import typer
 from typer.testing import CliRunner
 
 from splitdiff.bench.parallel import bench_parallel
-from splitdiff.parallel.cli import register
+from splitdiff.cli_parallel import register
 
 
 def app() -> typer.Typer:

@@ -104,7 +104,8 @@ def test_bad_parallel_input_is_one_line_and_writes_nothing(tmp_path, generate, a
     assert not list(tmp_path.iterdir())
 
 
-def test_a_failing_rank_is_one_line_and_exit_code_1(tmp_path, generate, monkeypatch):
+def test_failing_ranks_are_tried_again_then_the_segment_runs_here_degraded(tmp_path, generate, monkeypatch):
+    """The plan's one failure policy, as for a cloud that does not answer: retry, then here, marked."""
     import os
 
     from splitdiff.parallel import segment
@@ -113,6 +114,15 @@ def test_a_failing_rank_is_one_line_and_exit_code_1(tmp_path, generate, monkeypa
         os._exit(3)
 
     monkeypatch.setattr(segment, "_advance_rank", dies)
-    code, _, err = generate("--plan", "cloud:3,edge:3", "--steps", 6, "--out", tmp_path / "x.png", "--parallel", "sync")
-    assert code == 1 and "patch-parallel ranks failed: ranks 0, 1 exited with code 3" in err, err
-    assert not list(tmp_path.iterdir())
+    plain, out = tmp_path / "plain.png", tmp_path / "x.png"
+    assert generate("--plan", "cloud:3,edge:3", "--steps", 6, "--out", plain)[0] == 0
+    code, _, err = generate("--plan", "cloud:3,edge:3", "--steps", 6, "--out", out, "--parallel", "sync")
+    assert code == 0, err
+    assert err.count("patch-parallel ranks failed: ranks 0, 1 exited with code 3") == 2, err
+    assert "trying again" in err and "running 'cloud''s 3 steps here" in err and "degraded result" in err
+    assert "Traceback" not in err
+    assert Image.open(out).text["splitdiff.degraded"] == "true"
+    assert Image.open(out).tobytes() == Image.open(plain).tobytes()  # the same steps, run here
+    code, _, err = generate("--plan", "cloud:3,edge:3", "--steps", 6, "--out", tmp_path / "y.png", "--parallel",
+                            "sync", "--strict")
+    assert code == 3 and (tmp_path / "y.png").exists()

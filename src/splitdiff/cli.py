@@ -87,7 +87,7 @@ def _finish(pipe, traj, out: Path, extra: dict | None = None, strict: bool = Fal
     rows.update(extra or {})
     print_cost_table(traj, rows)
     if traj.degraded:
-        typer.echo("warning: degraded result (the cloud's steps ran locally)", err=True)
+        typer.echo("warning: degraded result (steps meant for the cloud or for parallel ranks ran here)", err=True)
     typer.echo(f"wrote {out}")
     if traj.degraded and strict:
         raise typer.Exit(3)
@@ -131,7 +131,7 @@ def generate(
     """Generate an image with a step plan over one or more models."""
     from .core.plan import check_plan, parse_plan
     from .io import atomic_write_bytes
-    from .parallel.cli import PatchPlan
+    from .parallel.plan import PatchPlan
 
     from .core.schedulers import SCHEDULERS
 
@@ -161,7 +161,9 @@ def generate(
     traj = pipe.start(prompt, negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
                       guidance_scale=guidance, size=size)
     if patch:
-        patch.install(pipe, traj)
+        from tqdm import tqdm
+
+        patch.install(pipe, traj, warn=lambda m: tqdm.write(f"warning: {m}", file=sys.stderr))
     todo = parsed[:1] if save_state else parsed
     bar, on_step = _progress(sum(s.steps for s in todo))
     with bar:
@@ -176,7 +178,7 @@ def generate(
         print_cost_table(traj)
         typer.echo(f"wrote {save_state} (step {traj.step_index} of {traj.num_steps})")
         return
-    _finish(pipe, traj, out)
+    _finish(pipe, traj, out, strict=strict)
 
 
 def _tiny_decoder_installed() -> bool:
@@ -689,7 +691,7 @@ def bench_users_cmd(
 
 def _register_axes() -> None:
     """The space axis brings its own commands."""
-    from .parallel.cli import register, register_bench
+    from .cli_parallel import register, register_bench
 
     register(app)
     register_bench(bench_app)

@@ -1,4 +1,4 @@
-"""Limits and checks that the command-line modules share (`splitdiff.cli`, `splitdiff.parallel.cli`).
+"""Limits and checks that the command-line modules share (`splitdiff.cli`, `splitdiff.cli_parallel`).
 
 A value no command could honour is a usage error, one line and exit 2, before any work.
 """

@@ -1,25 +1,23 @@
-"""`splitdiff parallel`: one generation with the U-Net cut into row patches.
+"""`splitdiff parallel` and `bench parallel`: one generation with the U-Net cut into row patches.
 
 Spawns local ranks itself (`--ranks N`), or runs as one rank of torchrun:
     torchrun --nproc-per-node 4 -m splitdiff parallel "a red circle" --mode pcpp
 Rank 0 writes the output and prints the traffic per step.
 
-`PatchPlan` is `generate --parallel`: some models of a step plan run patch-parallel.
+(`generate --parallel` is parallel.plan.PatchPlan, in the main CLI.)
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..cli_options import MAX_STEPS, SEED_MAX, SEED_MIN, check_guidance, check_output, finite
-from ..core.plan import format_plan
-from ..errors import UserError
-from .context import MODES, Options
+from .cli_options import MAX_STEPS, SEED_MAX, SEED_MIN, check_guidance, check_output, finite
+from .errors import UserError
+from .parallel.context import MODES
 
 
 def register(app: typer.Typer) -> None:
@@ -54,9 +52,9 @@ def parallel(
                                   help="Seconds a rank waits on another before the run fails."),
 ) -> None:
     """Generate with the U-Net's steps cut into row patches across ranks."""
-    from .ranks import RankFailure, launch
-    from .run import IMAGE_SUFFIXES, Job, encode, run
-    from .stats import per_step
+    from .parallel.ranks import RankFailure, launch
+    from .parallel.run import IMAGE_SUFFIXES, Job, encode, run
+    from .parallel.stats import per_step
 
     image = out.suffix.lower() in IMAGE_SUFFIXES
     job = Job(
@@ -102,7 +100,7 @@ def bench(
     out_dir: Path = typer.Option(Path("bench/parallel"), help="Where the CSV and PNGs go."),
 ) -> None:
     """Patch parallelism vs one device: PSNR, adherence, bytes per step by category, wall time."""
-    from ..bench.parallel import bench_parallel
+    from .bench.parallel import bench_parallel
 
     counts = tuple(int(r) for r in ranks.split(",") if r.strip())
     bench_parallel(unet, latent_size, counts, tuple(m.strip() for m in modes.split(",")), out_dir, steps=steps, vae=vae,
@@ -116,8 +114,8 @@ def _under_torchrun() -> bool:
 
 def _one_rank(job, timeout: float) -> dict:
     """This process is one rank of torchrun: join, generate, leave; a lost peer is one line."""
-    from .comm import PeerFailure, setup, teardown
-    from .run import run
+    from .parallel.comm import PeerFailure, setup, teardown
+    from .parallel.run import run
 
     try:
         setup(timeout)
@@ -127,51 +125,3 @@ def _one_rank(job, timeout: float) -> dict:
         typer.echo(f"error: {failure}", err=True)
         raise typer.Exit(1) from None
     return result
-
-
-
-@dataclass(frozen=True)
-class PatchPlan:
-    """`generate --parallel MODE --ranks N --parallel-models A,B`: the named models' segments run on N local ranks."""
-
-    mode: str
-    ranks: int
-    models: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, mode: Optional[str], ranks: Optional[int], models: Optional[str], plan) -> Optional[PatchPlan]:
-        """None without --parallel; a UserError for what is wrong before any model loads."""
-        if mode is None:
-            if ranks is not None or models:
-                raise UserError("--ranks and --parallel-models go with --parallel MODE")
-            return None
-        Options(mode)
-        if ranks is not None and ranks < 1:
-            raise UserError(f"--ranks must be at least 1, not {ranks}")
-        names = tuple(m.strip() for m in models.split(",") if m.strip()) if models else (plan[0].model,)
-        unknown = [n for n in names if n not in {s.model for s in plan}]
-        if unknown or not names:
-            missing = ", ".join(unknown) or "nothing"
-            raise UserError(f"--parallel-models names {missing}, not a model of the plan {format_plan(plan)}")
-        return cls(mode, 2 if ranks is None else ranks, names)
-
-    def install(self, pipe, traj) -> None:
-        """Refuse what cannot be cut (before any rank starts), then send these models' segments to ranks."""
-        from .segment import check_parallel
-
-        for name in self.models:
-            check_parallel(pipe.unets[name], traj.latents.shape, self.mode, self.ranks)
-            pipe.elsewhere[name] = lambda t, steps, name=name: self._advance(pipe.sources[name], name, t, steps)
-
-    def _advance(self, source: str, name: str, traj, steps: int) -> None:
-        """In place, as the core's runner advances; a failed rank is one line and exit code 1."""
-        from ..core.trajectory import Trajectory
-        from .ranks import RankFailure
-        from .segment import advance_parallel
-
-        try:
-            data = advance_parallel(source, traj.to_bytes(), steps, name, self.mode, self.ranks)
-        except RankFailure as failure:
-            typer.echo(f"splitdiff: error: patch-parallel ranks failed: {failure}", err=True)
-            raise typer.Exit(1) from None
-        vars(traj).update(vars(Trajectory.from_bytes(data)))
