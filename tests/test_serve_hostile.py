@@ -316,3 +316,36 @@ def test_a_generation_that_stops_being_finite_is_an_error_not_a_black_image(serv
     assert ok.status_code == 200
     assert results[0].status_code == 422 and "non-finite" in results[0].json()["error"], results[0].text
     assert not error_log
+
+
+# -- the client comes back when the server asks, not all at once --------------------------------------
+def test_the_client_waits_as_retry_after_asks(paths):
+    """A server whose queue budget no request fits answers 503 + Retry-After: 1; the client's second try waits."""
+    from splitdiff.serve.client import CloudClient, CloudUnavailable
+
+    with serve(paths, max_queue_bytes=1000) as s, CloudClient(s.url, tries=2, backoff=0.01) as client:
+        start = time.monotonic()
+        with pytest.raises(CloudUnavailable, match="2 tries; last: HTTP 503: server busy"):
+            client.trajectory(dict(prompt=PROMPT, steps=2, cloud_steps=1, size=16))
+        assert time.monotonic() - start >= 1.0
+
+
+def test_retry_delays_are_jittered_bounded_and_never_sooner_than_asked():
+    import random
+
+    from splitdiff.serve.client import MAX_WAIT, retry_after, retry_delay
+
+    rng = random.Random(0)
+    delays = [retry_delay(3, 0.5, rng=rng) for _ in range(200)]
+    assert 0.5 <= min(delays) < max(delays) <= 1.0 and len(set(delays)) == 200  # half to whole of 0.5 * 2
+    assert all(retry_delay(2, 0.01, asked=1.0, rng=rng) == 1.0 for _ in range(5))
+    assert retry_delay(30, 1.0, rng=rng) == MAX_WAIT and retry_delay(2, 0.1, asked=1e9) == MAX_WAIT
+    assert [retry_after(v) for v in ("1", "2.5", None, "Wed, 21 Oct 2026 07:28:00 GMT", "-1", "inf")] == \
+        [1.0, 2.5, None, None, None, None]
+
+
+def test_the_edge_client_does_not_load_the_server():
+    code = ("import sys, splitdiff.serve.client, splitdiff.serve.edge; "
+            "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -1,7 +1,8 @@
 """The edge's side of the wire: ask the cloud for a trajectory, retrying what may pass.
 
-Transport failures, timeouts, 5xx answers and bodies that are corrupt or not the
-trajectory asked for are retried with exponential backoff; when every try fails the
+Transport failures, timeouts, 5xx and 429 answers and bodies that are corrupt or not
+the trajectory asked for are retried with jittered exponential backoff, never sooner
+than the server's Retry-After asks (and never more than MAX_WAIT); when every try fails the
 caller gets `CloudUnavailable` and may fall back. A 4xx is the request's fault, so it
 is a one-line `UserError`, except the admission's refusal (409 with
 `{"decision": "deny"}`), which is a decision, not a fault: the caller gets `Denied`
@@ -11,6 +12,7 @@ and runs every step itself.
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,11 +20,11 @@ from typing import Callable
 import httpx
 
 from ..core.trajectory import MAX_BYTES, Trajectory, TrajectoryError
-from ..errors import UserError
-from .schemas import one_line
+from ..errors import UserError, one_line
 
 
 MAX_ERROR_BYTES = 64 * 1024
+MAX_WAIT = 30.0  # seconds between two tries at most, whatever a Retry-After header asks
 
 
 class CloudUnavailable(Exception):
@@ -97,18 +99,20 @@ class CloudClient:
             body = json.dumps(request, allow_nan=False).encode()
         except ValueError:
             raise UserError("the request holds a number that is not finite (nan or inf)") from None
-        problem = "no try was made"
+        problem, asked_wait = "no try was made", None
         for attempt in range(1, self.tries + 1):
             if attempt > 1:
-                time.sleep(self.backoff * 2 ** (attempt - 2))
+                time.sleep(retry_delay(attempt, self.backoff, asked_wait))
             start = time.perf_counter()
+            asked_wait = None
             try:
                 r, content = self._post(body)
             except httpx.TransportError as e:
                 problem = f"{type(e).__name__}: {one_line(str(e)) or 'no detail'}"
                 continue
-            if r.status_code >= 500:
+            if r.status_code >= 500 or r.status_code == 429:
                 problem = f"HTTP {r.status_code}: {_reason(r, content)}"
+                asked_wait = retry_after(r.headers.get("Retry-After"))
                 continue
             if r.status_code == 409 and (answer := _deny_answer(content)) is not None:
                 raise Denied(answer, Handoff(len(body), len(content), time.perf_counter() - start, 0.0, 0.0, 0.0,
@@ -173,6 +177,26 @@ def _grant(headers: httpx.Headers) -> dict | None:
             "device_steps": int(_float(headers.get("X-Splitdiff-Device-Steps"))),
             "policy": headers.get("X-Splitdiff-Policy", ""),
             "predicted_seconds": _float(headers.get("X-Splitdiff-Predicted-Seconds"))}
+
+
+def retry_after(value: str | None) -> float | None:
+    """A Retry-After header's seconds (the delay form; an HTTP date or garbage counts as none)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if 0 <= seconds < float("inf") else None
+
+
+def retry_delay(attempt: int, backoff: float, asked: float | None = None, rng: random.Random | None = None) -> float:
+    """Seconds to wait before try `attempt` (2, 3, ...): exponential backoff with jitter, at least
+    what the server asked for, at most MAX_WAIT.
+
+    The jitter (a uniform half to whole of the backoff) keeps clients that failed together
+    from all coming back in the same instant, which would make the server busy again.
+    """
+    base = backoff * 2 ** (attempt - 2) * (rng or random).uniform(0.5, 1.0)
+    return min(MAX_WAIT, max(base, asked or 0.0))
 
 
 def _reason(r: httpx.Response, content: bytes | None) -> str:

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import JSONResponse
 
+from ..errors import one_line
 from ..core.schedulers import MAX_STEPS, SCHEDULERS
 
 MAX_PROMPT_CHARS = 1000
@@ -127,12 +128,6 @@ class Profile(BaseModel):
     fitted: bool = Field(description="False while the conservative default holds.")
     overhead_s: float = Field(description="Median seconds a served request spends on the server outside U-Net "
                               "calls (its batch's prompt encodings, serialization), over recent requests.")
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """Collapse whitespace so that a message is always a single, bounded line."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from ..core.registry import UNET_NAMES
 from ..core.runner import denoise_step
 from ..core.schedulers import max_steps
