@@ -34,7 +34,7 @@ from splitdiff.serve.client import CloudClient
 from splitdiff.serve.edge import run_with_cloud
 from splitdiff.serve.engine import Engine
 from splitdiff.serve.order import order_from
-from splitdiff.serve.scheduler import Busy, Job, Scheduler
+from splitdiff.serve.batching import Busy, Job, BatchQueue
 from splitdiff.serve.schemas import TrajectoryRequest
 from splitdiff.serve.server import Limits, ThreadedServer, build_app
 from splitdiff.serve.worker import Worker
@@ -188,8 +188,8 @@ def _req(name, cloud_steps, size=16):
 
 
 def _iterate(engine):
-    admitted, batch = engine.scheduler.schedule()
-    engine.scheduler.retire(engine.step(admitted, batch))
+    admitted, batch = engine.queue.schedule()
+    engine.queue.retire(engine.step(admitted, batch))
 
 
 def test_engine_admits_mid_flight_and_retires_at_once_in_fifo_order():
@@ -203,13 +203,13 @@ def test_engine_admits_mid_flight_and_retires_at_once_in_fifo_order():
     _iterate(engine)
     assert a.future.done() and b.future.done() and not c.future.done()
     _iterate(engine)
-    assert c.future.done() and not engine.scheduler.has_work
+    assert c.future.done() and not engine.queue.has_work
     assert worker.calls == [[("a", 0)], [("a", 1), ("b", 0)], [("a", 2), ("b", 1)], [("c", 0)]]
     assert c.future.result().step_index == 1
 
 
 def test_scheduler_bounds_the_queue_and_drops_cancelled_jobs():
-    s = Scheduler(max_batch=1, max_waiting=2)
+    s = BatchQueue(max_batch=1, max_waiting=2)
     jobs = [Job(_req(str(i), 1)) for i in range(3)]
     s.add(jobs[0])
     s.add(jobs[1])
@@ -227,7 +227,7 @@ def test_engine_failure_answers_the_batch_and_keeps_serving():
     job = engine.submit(_req("a", 1))
     _iterate(engine)
     assert "failed" in str(job.future.exception())
-    assert not engine.scheduler.has_work and engine.scheduler.held_bytes == 0
+    assert not engine.queue.has_work and engine.queue.held_bytes == 0
     worker.step = RecordingWorker.step.__get__(worker)
     ok = engine.submit(_req("b", 1))
     _iterate(engine)
@@ -266,7 +266,7 @@ def test_one_requests_failure_fails_that_request_alone():
 
 def test_the_queue_is_bounded_by_bytes_and_cancelled_work_frees_them():
     order = _req("a", 1, size=64)
-    s = Scheduler(max_batch=1, max_waiting=100, max_bytes=3 * order.nbytes)
+    s = BatchQueue(max_batch=1, max_waiting=100, max_bytes=3 * order.nbytes)
     jobs = [Job(_req(str(i), 1, size=64)) for i in range(4)]
     for job in jobs[:3]:
         s.add(job)
@@ -284,7 +284,7 @@ def test_a_dead_engine_loop_answers_what_it_held_and_refuses_more():
     from splitdiff.serve.engine import ShuttingDown
 
     engine = Engine(RecordingWorker())
-    engine.scheduler.schedule = lambda: 1 / 0
+    engine.queue.schedule = lambda: 1 / 0
     job = engine.submit(_req("a", 1))
     engine.start()
     with pytest.raises(ShuttingDown):

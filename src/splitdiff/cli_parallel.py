@@ -53,11 +53,11 @@ def parallel(
 ) -> None:
     """Generate with the U-Net's steps cut into row patches across ranks."""
     from .parallel.ranks import RankFailure, launch
-    from .parallel.run import IMAGE_SUFFIXES, Job, encode, run
+    from .parallel.run import IMAGE_SUFFIXES, RankJob, encode, run
     from .parallel.stats import per_step
 
     image = out.suffix.lower() in IMAGE_SUFFIXES
-    job = Job(
+    job = RankJob(
         prompt, unet="tiny" if tiny else unet, size=latent_size, steps=steps, scheduler=scheduler,
         guidance=guidance, seed=seed, negative=negative, mode=mode, band=band, warmup_steps=warmup,
         groupnorm=groupnorm, split_cfg=split_cfg, out=str(out),

@@ -21,7 +21,7 @@ from . import write_csv
 from ..io import load_tensors
 from ..parallel import launch
 from ..parallel.ranks import RankFailure
-from ..parallel.run import Job, encode, run
+from ..parallel.run import RankJob, encode, run
 from ..parallel.stats import CATEGORIES, per_step
 
 
@@ -49,7 +49,7 @@ def bench_parallel(
     from ..world import prompt_set
 
     texts = tuple(prompt_set(prompts))
-    base = Job(texts, unet=unet or "tiny", size=size, steps=steps, mode=None, band=band, warmup_steps=warmup_steps)
+    base = RankJob(texts, unet=unet or "tiny", size=size, steps=steps, mode=None, band=band, warmup_steps=warmup_steps)
     encode(base)  # once, here: the forked ranks inherit the loaded encoder and the encoding
     reference = _generate(replace(base, out=str(out / "latents" / "single.safetensors")), 1, timeout_s)
     ref = _latents(reference)
@@ -98,7 +98,7 @@ def bench_parallel(
     return rows
 
 
-def _generate(job: Job, ranks: int, timeout_s: float) -> dict:
+def _generate(job: RankJob, ranks: int, timeout_s: float) -> dict:
     results = launch(run, ranks, {"job": job}, timeout_s=timeout_s)
     return {**results[0], "out": job.out}
 

@@ -22,7 +22,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass
-class Job:
+class RankJob:
+    """One generation, as every rank of a patch-parallel run sees it (the serving engine's unit is serve.batching.Job)."""
+
     prompt: str | tuple[str, ...]  # several prompts: one batch, prompt i seeded with seed + i
     unet: str = "cloud"  # a registry name or diffusers folder; "tiny" for a random tiny U-Net
     size: int = 32  # latent side (the image's side divided by the VAE's factor)
@@ -63,7 +65,7 @@ def load_vae(spec: str):
     return load(spec)
 
 
-def run(job: Job) -> dict:
+def run(job: RankJob) -> dict:
     """Generate on this rank (call it on every rank): its U-Net seconds, and every rank's stats."""
     from ..core.registry import noise_schedule
     from ..core.runner import advance
@@ -106,7 +108,7 @@ def run(job: Job) -> dict:
     return {"rank": rank, "seconds": seconds, "stats": stats}
 
 
-def encode(job: Job):
+def encode(job: RankJob):
     """(prompt and negative-prompt embeddings, mask). Encodings are cached: a launcher that
     calls this before forking its ranks spares each of them loading the text encoder."""
     from ..text import prompt_encoder_for
@@ -114,7 +116,7 @@ def encode(job: Job):
     return prompt_encoder_for(job.unet)([*job.prompts(), job.negative])
 
 
-def write(job: Job, latents: torch.Tensor) -> None:
+def write(job: RankJob, latents: torch.Tensor) -> None:
     """Latents of the whole batch, or the first prompt's image."""
     from ..io import atomic_save_image, save_tensors
 

@@ -40,7 +40,7 @@ from ..users.pai import MEASURED as MEASURED_PAI
 from ..users.planner.scenario import MAX_USERS, Instance, Scenario
 from .engine import Engine, EngineFailure, ShuttingDown
 from .order import FLOAT_BYTES, Order
-from .scheduler import Busy, Job
+from .batching import Busy, Job
 from .schemas import UserBlock
 
 log = logging.getLogger("splitdiff.serve")
@@ -131,7 +131,7 @@ class PlannerTimeout(Exception):
 
 class Admission:
     def __init__(self, engine: Engine, config: AdmissionConfig):
-        self.engine, self.config = engine, config.check(engine.scheduler.max_batch)
+        self.engine, self.config = engine, config.check(engine.queue.max_batch)
         self.profile = engine.profile
         self.planner = self.solve  # (Scenario) -> Decision; replaceable (tests inject failures)
         self._pending: list[Ticket] = []
@@ -156,7 +156,7 @@ class Admission:
         with self._cv:
             if self._stopping:
                 raise ShuttingDown("server is shutting down")
-            if len(self._pending) >= min(self.engine.scheduler.max_waiting, MAX_USERS):
+            if len(self._pending) >= min(self.engine.queue.max_waiting, MAX_USERS):
                 raise Busy(f"server busy: {len(self._pending)} users are waiting for admission; retry later")
             self._pending.append(ticket)
             self._cv.notify()

@@ -28,7 +28,7 @@ from .auth import BearerAuth
 from .body import BodyLimit
 from .engine import Engine, EngineFailure, ShuttingDown
 from .metrics import CountStatuses
-from .scheduler import Busy
+from .batching import Busy
 from .schemas import (DENY_RESPONSE, ERROR_RESPONSES, ErrorBody, Health, Profile, TrajectoryRequest, error_response,
                       one_line)
 from .worker import UnknownModel
@@ -118,7 +118,7 @@ def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = M
         if not engine.alive or engine.stopping:
             return error_response(503, "the engine is not running", {"Retry-After": "1"})
         waiting, running = engine.load()
-        return Health(status="ok", model=engine.worker.name, max_batch=engine.scheduler.max_batch,
+        return Health(status="ok", model=engine.worker.name, max_batch=engine.queue.max_batch,
                       waiting=waiting, running=running)
 
     app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)

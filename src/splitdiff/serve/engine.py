@@ -1,6 +1,6 @@
 """The engine: one thread, one loop, step-level (continuous) batching.
 
-Each iteration asks the scheduler for the batch, gives newly admitted requests their
+Each iteration asks the batch queue for the batch, gives newly admitted requests their
 trajectory (prompt encoding happens here, on the thread that owns the models), runs
 the batch's steps and hands finished trajectories back at once. A request that
 arrives mid-flight joins at the next call, at its own step index.
@@ -24,7 +24,7 @@ from .memory import Trimmer
 from .metrics import Metrics
 from .order import Order
 from .profile import StepProfile
-from .scheduler import Job, Scheduler
+from .batching import Job, BatchQueue
 from .worker import Worker, batch_key
 
 log = logging.getLogger("splitdiff.serve")
@@ -42,7 +42,7 @@ class Engine:
     def __init__(self, worker: Worker, max_batch: int = 8, max_waiting: int = 256, metrics: Metrics | None = None,
                  max_bytes: int | None = None, profile: StepProfile | None = None):
         self.worker = worker
-        self.scheduler = Scheduler(max_batch, max_waiting, max_bytes)
+        self.queue = BatchQueue(max_batch, max_waiting, max_bytes)
         self.metrics = metrics or Metrics()
         self.profile = profile or StepProfile()
         self.metrics.watch_profile(self.profile)
@@ -58,7 +58,7 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise ShuttingDown("server is shutting down")
-            self.scheduler.add(job)
+            self.queue.add(job)
             self._gauge()
             self._cv.notify()
         job.future.add_done_callback(lambda f: f.cancelled() and self._cancelled(job))
@@ -77,7 +77,7 @@ class Engine:
                     continue
                 job = Job(order)
                 try:
-                    self.scheduler.add(job)
+                    self.queue.add(job)
                 except Exception as e:
                     jobs.append(e)
                     continue
@@ -91,13 +91,13 @@ class Engine:
 
     def _cancelled(self, job: Job) -> None:
         with self._cv:
-            self.scheduler.cancel(job)
+            self.queue.cancel(job)
             self._gauge()
 
     def _gauge(self) -> None:
-        self.metrics.waiting.set(len(self.scheduler.waiting))
-        self.metrics.held_bytes.set(self.scheduler.held_bytes)
-        self._trimmer.observe(self.scheduler.held_bytes)
+        self.metrics.waiting.set(len(self.queue.waiting))
+        self.metrics.held_bytes.set(self.queue.held_bytes)
+        self._trimmer.observe(self.queue.held_bytes)
 
     @property
     def alive(self) -> bool:
@@ -109,7 +109,7 @@ class Engine:
 
     def load(self) -> tuple[int, int]:
         with self._cv:
-            return len(self.scheduler.waiting), len(self.scheduler.running)
+            return len(self.queue.waiting), len(self.queue.running)
 
     # -- life -------------------------------------------------------------------------
     def start(self) -> None:
@@ -128,7 +128,7 @@ class Engine:
 
     def _answer_all(self, error: Exception) -> None:
         with self._cv:
-            for job in self.scheduler.drain():
+            for job in self.queue.drain():
                 _settle(job.future, error=error)
             self._gauge()
 
@@ -145,18 +145,18 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self.scheduler.has_work:
+                while not self._stopping and not self.queue.has_work:
                     self._cv.wait()
                 if self._stopping:
                     return
-                admitted, batch = self.scheduler.schedule()
+                admitted, batch = self.queue.schedule()
                 self._gauge()
                 self.metrics.running.set(len(batch))
             done = self.step(admitted, batch)
             with self._cv:
-                self.scheduler.retire(done)
+                self.queue.retire(done)
                 self._gauge()
-                self.metrics.running.set(len(self.scheduler.running))
+                self.metrics.running.set(len(self.queue.running))
 
     # -- one iteration --------------------------------------------------------------
     def step(self, admitted: list[Job], batch: list[Job]) -> list[Job]:

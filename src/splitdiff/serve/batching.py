@@ -61,7 +61,9 @@ class Job:
         self.traj = None
 
 
-class Scheduler:
+class BatchQueue:
+    """The server's requests, waiting and running (named apart from diffusers' noise schedulers)."""
+
     def __init__(self, max_batch: int, max_waiting: int, max_bytes: int | None = None):
         self.max_batch, self.max_waiting, self.max_bytes = max_batch, max_waiting, max_bytes
         self.waiting: deque[Job] = deque()
