@@ -11,7 +11,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory):
     """Two different tiny random U-Nets and a tiny VAE saved as diffusers folders."""
-    from splitdiff.core.tiny import tiny_decoder, tiny_unet, tiny_vae
+    from splitdiff.testing import tiny_decoder, tiny_unet, tiny_vae
 
     root = tmp_path_factory.mktemp("tiny")
     tiny_unet(seed=1).save_pretrained(root / "big")

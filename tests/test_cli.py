@@ -60,7 +60,7 @@ def test_bad_generate_input_is_one_line_and_writes_nothing(tmp_path, models, arg
 
 
 def test_mismatched_models_are_refused(tmp_path, tiny_models_dir):
-    from splitdiff.core.tiny import tiny_unet
+    from splitdiff.testing import tiny_unet
 
     odd = tmp_path / "odd"
     tiny_unet(cross_attention_dim=32).save_pretrained(odd)

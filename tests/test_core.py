@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 from splitdiff.core.plan import check_plan, parse_plan
 from splitdiff.core.runner import advance, decode, denoise_step
 from splitdiff.core.schedulers import SCHEDULERS, make_scheduler
-from splitdiff.core.tiny import tiny_unet, tiny_vae
+from splitdiff.testing import tiny_unet, tiny_vae
 from splitdiff.core.trajectory import Trajectory, TrajectoryError, new_trajectory
 from splitdiff.errors import UserError
 

@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from splitdiff.core.tiny import tiny_vae
+from splitdiff.testing import tiny_vae
 from splitdiff.train.latent_cache import build_cache
 from splitdiff.train.unet import DenoisingData
 

@@ -39,7 +39,7 @@ def test_edge_is_pruned_from_cloud_and_inherits_significant_units():
 def test_compress_command_distils_a_loadable_edge_unet(tmp_path):
     """The whole `compress` path on a tiny teacher: pruning report, checkpoint, exported model and card."""
     from splitdiff.core.registry import load_unet
-    from splitdiff.core.tiny import tiny_vae
+    from splitdiff.testing import tiny_vae
     from splitdiff.train.compress import compress
 
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ from splitdiff.core import schedulers
 from splitdiff.core.plan import parse_plan
 from splitdiff.core.runner import NonFiniteError, advance, denoise_step
 from splitdiff.core.schedulers import MAX_STEPS, SCHEDULERS, make_scheduler, max_steps
-from splitdiff.core.tiny import tiny_unet, tiny_vae
+from splitdiff.testing import tiny_unet, tiny_vae
 from splitdiff.core.trajectory import (
     MAX_BYTES, MAX_PROMPT_CHARS, MAX_SEGMENTS, Trajectory, TrajectoryError, new_trajectory,
 )

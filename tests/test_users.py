@@ -235,7 +235,7 @@ def _other_adapter(folder: Path, dest: Path) -> Path:
 
 
 def test_base_output_is_bit_identical_after_an_adapter_was_used_and_unloaded(tiny_adapter, tmp_path):
-    from splitdiff.core.tiny import tiny_unet
+    from splitdiff.testing import tiny_unet
     from splitdiff.users.adapters import (active_adapter, adapter_applied, load_adapter, loaded_adapters,
                                           resolve_adapter, unload_adapter, use_adapter)
 
@@ -284,7 +284,7 @@ def test_adapters_resolve_by_user_name(tiny_adapter, monkeypatch):
 # --- bad input: one line, exit 2, nothing written -----------------------------------------------------------------
 
 def test_an_adapter_for_another_architecture_or_a_corrupt_one_is_refused(tiny_adapter, tmp_path):
-    from splitdiff.core.tiny import tiny_unet
+    from splitdiff.testing import tiny_unet
     from splitdiff.users.adapters import AdapterError, load_adapter, loaded_adapters, resolve_adapter
 
     ref = resolve_adapter(tiny_adapter / "users" / "ana")

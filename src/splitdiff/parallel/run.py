@@ -47,7 +47,7 @@ class RankJob:
 
 def load_unet(spec: str):
     if spec == "tiny":
-        from ..core.tiny import tiny_unet
+        from ..testing import tiny_unet
 
         return tiny_unet(channels=(32, 64))
     from ..core.registry import load_unet as load
@@ -57,7 +57,7 @@ def load_unet(spec: str):
 
 def load_vae(spec: str):
     if spec == "tiny":
-        from ..core.tiny import tiny_vae
+        from ..testing import tiny_vae
 
         return tiny_vae()
     from ..core.registry import load_vae as load

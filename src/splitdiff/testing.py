@@ -1,11 +1,11 @@
-"""Tiny random diffusers models built from configs: fast stand-ins for tests and smoke runs."""
+"""Tiny random diffusers models built from configs: the test suite's fixtures, and stand-ins for smoke runs (`--tiny`)."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 
-from ..text import CONTEXT_DIM
+from .text import CONTEXT_DIM
 
 
 def tiny_unet(seed: int = 0, channels: tuple[int, ...] = (32, 64), cross_attention_dim: int = CONTEXT_DIM,
