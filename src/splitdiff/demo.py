@@ -10,33 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
-
+from .grid import image_grid
 from .io import atomic_save_image
 from .world import prompt_set
 
 DEMO_PROMPTS = 8
-
-
-def image_grid(images: list[Image.Image], captions: list[str], cols: int = 4, caption_h: int = 28) -> Image.Image:
-    w, h = images[0].size
-    w = max(w, 128)
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * w, rows * (h + caption_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (img, cap) in enumerate(zip(images, captions)):
-        x, y = (i % cols) * w, (i // cols) * (h + caption_h)
-        grid.paste(img, (x, y))
-        words, line, lines = cap.split(), "", []
-        for word in words:
-            if len(line) + len(word) > w // 6:
-                lines.append(line)
-                line = ""
-            line += word + " "
-        lines.append(line)
-        draw.multiline_text((x + 2, y + h + 1), "\n".join(lines[:3]), fill="black", spacing=0,
-                            font_size=8)
-    return grid
 
 
 def world_demo(out: Path) -> None:
@@ -46,7 +24,8 @@ def world_demo(out: Path) -> None:
     prompts = prompt_set(DEMO_PROMPTS, seed=7)
     images = reference_renders(prompts, 128)
     scores, mean = adherence(images, prompts)
-    grid = image_grid(to_pil(images), [f"{s:.2f} {p}" for s, p in zip(scores, prompts)])
+    grid = image_grid(to_pil(images), rows=2, cols=(len(prompts) + 1) // 2,
+                      captions=[f"{s:.2f} {p}" for s, p in zip(scores, prompts)], cell=128, lines=3)
     atomic_save_image(grid, out / "world_grid.png")
     for p, s in zip(prompts, scores):
         print(f"{s:.2f}  {p}")

@@ -113,14 +113,12 @@ def _plot(path: Path, rows: list[dict]) -> None:
 
 
 def _grid(path: Path, columns: list[torch.Tensor], titles: list[str]) -> None:
-    from PIL import Image, ImageDraw
+    """One column per plan (titled with it), one row per prompt."""
+    from ..grid import image_grid
 
     n, size = columns[0].shape[0], columns[0].shape[-1]
-    cell = max(size, 96)
-    img = Image.new("RGB", (cell * len(columns), cell * n + 14), "white")
-    draw = ImageDraw.Draw(img)
-    for c, (col, title) in enumerate(zip(columns, titles)):
-        draw.text((c * cell + 2, 1), title.replace("cloud", "c").replace("edge", "e"), fill="black", font_size=9)
-        for r, pil in enumerate(to_pil(col)):
-            img.paste(pil.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, 14 + r * cell))
-    atomic_save_image(img, path)
+    cells = [to_pil(col) for col in columns]
+    short = [t.replace("cloud", "c").replace("edge", "e") for t in titles]
+    images = [cells[c][r] for r in range(n) for c in range(len(columns))]
+    captions = [short[c] if r == 0 else "" for r in range(n) for c in range(len(columns))]
+    atomic_save_image(image_grid(images, n, len(columns), captions, cell=max(size, 96)), path)

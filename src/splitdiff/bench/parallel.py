@@ -152,23 +152,17 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def _grid(images: dict, path: Path) -> None:
     """One row per mode, one column per rank count; the single-device image leads every row."""
-    from PIL import Image, ImageDraw
-
     from ..core.runner import to_pil
+    from ..grid import image_grid
 
     modes = list(dict.fromkeys(m for m, n in images if m != "single"))
     counts = sorted({n for m, n in images if m != "single"})
     first = to_pil(images[("single", 1)][:1])[0]
-    w, h = first.size
-    label = 14
-    sheet = Image.new("RGB", ((len(counts) + 1) * w, len(modes) * (h + label)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, mode in enumerate(modes):
-        y = i * (h + label)
-        sheet.paste(first, (0, y + label))
-        draw.text((2, y), "single", fill="black")
-        for j, n in enumerate(counts, start=1):
-            if (mode, n) in images:
-                sheet.paste(to_pil(images[(mode, n)][:1])[0], (j * w, y + label))
-                draw.text((j * w + 2, y), f"{mode} x{n}", fill="black")
-    sheet.save(path)
+    cells, captions = [], []
+    for mode in modes:
+        cells.append(first)
+        captions.append("single")
+        for n in counts:
+            cells.append(to_pil(images[(mode, n)][:1])[0] if (mode, n) in images else None)
+            captions.append(f"{mode} x{n}" if (mode, n) in images else "")
+    image_grid(cells, len(modes), len(counts) + 1, captions).save(path)

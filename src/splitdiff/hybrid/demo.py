@@ -17,14 +17,15 @@ DEMO_PLAN = "cloud:10,edge:15"
 
 def hybrid_demo(out: Path, n: int = 8) -> None:
     from ..core.runner import to_pil
-    from ..demo import image_grid
+    from ..grid import image_grid
 
     plan = parse_plan(DEMO_PLAN)
     pipe = load_pipeline({"cloud": "cloud", "edge": "edge"}, "vae")
     prompts = prompt_set(n, seed=7)
     images, _ = decode_many(pipe.vae, run_many(pipe, prompts, plan, size=64).latents)
     scores, mean = default_evaluator().adherence(images, prompts)
-    atomic_save_image(image_grid(to_pil(images), [f"{s:.2f} {p}" for s, p in zip(scores, prompts)]),
+    atomic_save_image(image_grid(to_pil(images), rows=2, cols=(n + 1) // 2, cell=128, lines=3,
+                                 captions=[f"{s:.2f} {p}" for s, p in zip(scores, prompts)]),
                       out / "hybrid_grid.png")
     for p, s in zip(prompts, scores):
         print(f"{s:.2f}  {p}")
