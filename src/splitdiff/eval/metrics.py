@@ -111,7 +111,6 @@ def fsd(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 def reference_renders(prompts: list[str], size: int, seed: int = 999) -> torch.Tensor:
     """The world's own renders of the prompts: the FSD reference set."""
-    from ..world import render, to_array
+    from ..world import render_images
 
-    return torch.from_numpy(np.stack([to_array(render(parse_prompt(p), size, seed + i))
-                                      for i, p in enumerate(prompts)]))
+    return render_images([parse_prompt(p) for p in prompts], size, range(seed, seed + len(prompts)))

@@ -7,8 +7,8 @@ import random
 import numpy as np
 import torch
 
-from ..world import to_array
-from ..world.concepts import ConceptObject, parse_concept, render_scene, sample_concept_scene, sample_private_scene
+from ..world import render_images
+from ..world.concepts import ConceptObject, parse_concept, sample_concept_scene, sample_private_scene
 from ..world.dataset import sample_batch
 from .concepts import ConceptReader, Reading, default_reader
 
@@ -17,7 +17,7 @@ SPECS = ("red heart", "crescent", "blue arrow", "diamond", "yellow heart", "stri
 
 
 def _renders(scenes, size: int, seed: int) -> torch.Tensor:
-    return torch.from_numpy(np.stack([to_array(render_scene(s, size, seed + i)) for i, s in enumerate(scenes)]))
+    return render_images(scenes, size, range(seed, seed + len(scenes)))
 
 
 def _object_hits(readings: list[Reading], scenes) -> list[bool]:

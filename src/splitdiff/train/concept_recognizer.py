@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..core.registry import load_vae
@@ -21,8 +20,8 @@ from ..eval.concepts import WEIGHTS, ConceptRecognizer, concept_loss, concept_ta
 from ..eval.metrics import WEIGHTS as EVALUATOR_WEIGHTS
 from ..eval.recognizer import INPUT_SIZE
 from ..io import load_tensors, save_tensors
-from ..world import to_array
-from ..world.concepts import render_scene, sample_private_scene
+from ..world import render_images
+from ..world.concepts import sample_private_scene
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 
 # Generated images are VAE decodings: soft edges, shifted colours, textures smeared. Half the
@@ -38,7 +37,7 @@ def _batch(rng: random.Random, batch_size: int, vae=None):
     scenes = [sample_private_scene(rng) for _ in range(batch_size)]
     through_vae = rng.random() < VAE_SHARE and vae is not None
     size = 64 if through_vae else rng.choice([48, 64, 64, 96, 128])
-    x = torch.from_numpy(np.stack([to_array(render_scene(s, size, rng.getrandbits(32))) for s in scenes]))
+    x = render_images(scenes, size, rng)
     targets = concept_targets(scenes)
     if through_vae:
         with torch.no_grad():

@@ -5,22 +5,20 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..eval.augment import augment
 from ..eval.metrics import WEIGHTS
 from ..eval.recognizer import INPUT_SIZE, Recognizer, recognition_loss, scene_targets
 from ..io import save_tensors
-from ..world import render, sample_scene, to_array
+from ..world import render_images, sample_scene
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 
 
 def _batch(rng: random.Random, batch_size: int):
     scenes = [sample_scene(rng) for _ in range(batch_size)]
     size = rng.choice([48, 64, 64, 96, 128])
-    imgs = np.stack([to_array(render(s, size, rng.getrandbits(32))) for s in scenes])
-    x = Recognizer.prepare(torch.from_numpy(imgs))
+    x = Recognizer.prepare(render_images(scenes, size, rng))
     return x, scene_targets(scenes)
 
 

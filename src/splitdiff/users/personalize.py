@@ -23,14 +23,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
 from ..io import atomic_write_bytes, unwritable_reason
-from ..world import to_array
-from ..world.concepts import (DEFAULT_TOKEN, Concept, check_token, concept_prompt, parse_concept, render_scene,
+from ..world import render_images
+from ..world.concepts import (DEFAULT_TOKEN, Concept, check_token, concept_prompt, parse_concept,
                               sample_concept_scene)
 from ..world.dataset import sample_batch
 from .adapters import (CONFIG_FILE, METADATA_KEY, TRAINING_FILE, WEIGHTS_FILE, AdapterRef, architecture_hash,
@@ -93,7 +92,7 @@ def training_data(concept: Concept, token: str, vae, encoder, cfg: PersonalizeCo
     """(concept set, prior set, concept prompts): the same for the same seed, so a resumed run sees the same data."""
     rng = random.Random(cfg.seed)
     scenes = [sample_concept_scene(rng, concept) for _ in range(cfg.n_concept)]
-    images = torch.from_numpy(np.stack([to_array(render_scene(s, IMAGE_SIZE, rng.getrandbits(32))) for s in scenes]))
+    images = render_images(scenes, IMAGE_SIZE, rng)
     prompts = [concept_prompt(s, concept, token) for s in scenes]
     prior = sample_batch(random.Random(cfg.seed + 1), cfg.n_prior, IMAGE_SIZE)
     return _encode(vae, encoder, images, prompts), _encode(vae, encoder, prior.images, prior.prompts), prompts

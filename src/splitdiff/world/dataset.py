@@ -6,11 +6,10 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from .grammar import scene_to_prompt
-from .render import render, to_array
+from .batch import render_images
 from .scene import Scene, sample_scene
 
 
@@ -23,8 +22,7 @@ class Batch:
 
 def sample_batch(rng: random.Random, batch_size: int, size: int) -> Batch:
     scenes = [sample_scene(rng) for _ in range(batch_size)]
-    images = np.stack([to_array(render(s, size, rng.getrandbits(32))) for s in scenes])
-    return Batch(torch.from_numpy(images), [scene_to_prompt(s) for s in scenes], scenes)
+    return Batch(render_images(scenes, size, rng), [scene_to_prompt(s) for s in scenes], scenes)
 
 
 def batches(batch_size: int, size: int = 64, seed: int = 0) -> Iterator[Batch]:
