@@ -75,3 +75,26 @@ def test_the_readme_python_example_runs_as_shown(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     assert (tmp_path / "ana.png").exists()
+
+
+def test_a_folders_own_solver_settings_do_not_override_the_named_scheduler(tiny_models_dir, tmp_path):
+    """A pipeline folder shipped for SDE-DPM-Solver++ with Karras sigmas, run as dpmsolver++, is dpmsolver++."""
+    import json
+    import shutil
+
+    from splitdiff.core.schedulers import SD_NOISE_SCHEDULE
+
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny_models_dir / "big", folder / "unet")
+    shutil.copytree(tiny_models_dir / "vae", folder / "vae")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DPMSolverMultistepScheduler", **SD_NOISE_SCHEDULE, "algorithm_type": "sde-dpmsolver++",
+         "use_karras_sigmas": True, "solver_order": 3}))
+    options = dict(steps=6, scheduler="dpmsolver++", size=32, seed=1)
+    ours = SplitPipeline.from_pretrained({"sd": str(folder)})(PROMPT, **options)
+    plain = SplitPipeline.from_pretrained({"sd": str(tiny_models_dir / "big")}, vae=str(tiny_models_dir / "vae"))(
+        PROMPT, **options)
+    assert torch.equal(ours.trajectories[0].latents, plain.trajectories[0].latents)
+    cfg = ours.trajectories[0].scheduler.config
+    assert cfg.algorithm_type == "dpmsolver++" and not cfg.use_karras_sigmas and cfg.solver_order == 2

@@ -73,12 +73,15 @@ def load_vae(spec: str, dtype: torch.dtype = torch.float32):
 
 
 def noise_schedule(spec: str) -> dict | None:
-    """A pipeline folder's scheduler config, else None (the family's SD schedule)."""
+    """A pipeline folder's noise schedule (its scheduler config's NOISE_SCHEDULE_KEYS), else None
+    (the family's SD schedule); the named scheduler's own settings stay its own."""
+    from .schedulers import NOISE_SCHEDULE_KEYS
+
     path = Path(spec).expanduser()
     cfg = path / "scheduler" / "scheduler_config.json"
     if spec not in UNET_NAMES and cfg.exists():
         data = json.loads(cfg.read_text())
-        return {k: v for k, v in data.items() if not k.startswith("_")}
+        return {k: v for k, v in data.items() if k in NOISE_SCHEDULE_KEYS}
     return None
 
 

@@ -40,6 +40,12 @@ SD_NOISE_SCHEDULE = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False,
 )
+# What a pipeline folder's scheduler config says about the model: how it was trained (betas,
+# prediction) and how its steps are spaced. Its solver settings (algorithm_type, Karras sigmas,
+# order, ...) belong to the scheduler it ships, not to the one a plan names: taken along, they
+# would run, say, SDE-DPM-Solver++ under the name dpmsolver++.
+NOISE_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                       "prediction_type", "steps_offset", "timestep_spacing", "rescale_betas_zero_snr")
 ALWAYS_KEPT = ("timesteps", "sigmas")  # the schedule travels with every trajectory
 
 MAX_TRAIN_TIMESTEPS = 1000
