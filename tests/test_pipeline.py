@@ -98,3 +98,47 @@ def test_a_folders_own_solver_settings_do_not_override_the_named_scheduler(tiny_
     assert torch.equal(ours.trajectories[0].latents, plain.trajectories[0].latents)
     cfg = ours.trajectories[0].scheduler.config
     assert cfg.algorithm_type == "dpmsolver++" and not cfg.use_karras_sigmas and cfg.solver_order == 2
+
+
+def _pipeline_folder(tiny_models_dir, path, encoder_bytes: bytes):
+    """A real-format pipeline folder layout: unet/, vae/ and a text encoder with its tokenizer."""
+    import shutil
+
+    shutil.copytree(tiny_models_dir / "big", path / "unet")
+    shutil.copytree(tiny_models_dir / "vae", path / "vae")
+    (path / "text_encoder").mkdir()
+    (path / "text_encoder" / "config.json").write_text('{"hidden_size": 384}')
+    (path / "text_encoder" / "model.safetensors").write_bytes(encoder_bytes)
+    (path / "tokenizer").mkdir()
+    (path / "tokenizer" / "vocab.json").write_text("{}")
+    return path
+
+
+def test_two_folders_with_different_text_encoders_are_refused_before_loading(tiny_models_dir, tmp_path):
+    from splitdiff.text import encoder_source
+
+    a = _pipeline_folder(tiny_models_dir, tmp_path / "a", b"one")
+    b = _pipeline_folder(tiny_models_dir, tmp_path / "b", b"two")
+    same = _pipeline_folder(tiny_models_dir, tmp_path / "c", b"one")
+    with pytest.raises(UserError, match="models 'cloud' and 'edge' come with different text encoders"):
+        SplitPipeline.from_pretrained({"cloud": str(a), "edge": str(b)})
+    assert encoder_source({"cloud": str(a), "edge": str(same)}) == str(a)
+    bare = str(tiny_models_dir / "big")
+    assert encoder_source({"cloud": bare, "edge": str(b)}) == str(b)  # the folder's, not the family's
+    assert encoder_source({"cloud": bare}) == bare
+
+
+def test_the_tiny_decoder_is_taken_when_asked_even_beside_a_pipeline_folder(tiny_models_dir, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from splitdiff.core.registry import WEIGHTS_DIR
+
+    if not (WEIGHTS_DIR / "tiny-decoder" / "config.json").exists():
+        pytest.skip("the embedded tiny decoder is not installed")
+    folder = tmp_path / "sd"
+    import shutil
+
+    shutil.copytree(tiny_models_dir / "big", folder / "unet")
+    shutil.copytree(tiny_models_dir / "vae", folder / "vae")
+    assert not isinstance(SplitPipeline.from_pretrained({"sd": str(folder)}).hybrid.vae, AutoencoderTiny)
+    assert isinstance(SplitPipeline.from_pretrained({"sd": str(folder)}, decoder="tiny").hybrid.vae, AutoencoderTiny)

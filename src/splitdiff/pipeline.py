@@ -59,10 +59,10 @@ class SplitPipeline:
         sources = {name: resolve(name, specs) for name in specs}
         if decoder not in ("full", "tiny"):
             raise UserError(f"decoder must be full or tiny, not {decoder!r}")
-        if vae is None:
+        if vae is None:  # the tiny decoder when asked for; else a pipeline folder's own VAE, else the family's
             first = Path(next(iter(sources.values())))
-            vae = str(first) if (first / "vae" / "config.json").exists() else (
-                "tiny-decoder" if decoder == "tiny" else "vae")
+            vae = "tiny-decoder" if decoder == "tiny" else str(first) if (first / "vae" / "config.json").exists() \
+                else "vae"
         hybrid = load_pipeline(sources, vae)
         hybrid.adapters = AdapterSet(Path(users) if users is not None else None)
         return cls(hybrid)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 MAX_LENGTH = 48
 CONTEXT_DIM = 384
 
@@ -83,9 +85,42 @@ class ClipEncoder:
         return self.model(tok["input_ids"]).last_hidden_state.float(), None
 
 
+def has_text_encoder(source: str) -> bool:
+    path = Path(source).expanduser()
+    return (path / "text_encoder" / "config.json").exists() and (path / "tokenizer").is_dir()
+
+
 def prompt_encoder_for(source: str):
     """The encoder a model source implies: a pipeline folder's CLIP, else the embedded MiniLM."""
-    path = Path(source).expanduser()
-    if (path / "text_encoder" / "config.json").exists() and (path / "tokenizer").is_dir():
-        return ClipEncoder(path)
-    return default_encoder()
+    return ClipEncoder(Path(source).expanduser()) if has_text_encoder(source) else default_encoder()
+
+
+def _encoder_fingerprint(folder: Path) -> str:
+    """sha256 over the text encoder's and the tokenizer's files, names and bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for sub in ("text_encoder", "tokenizer"):
+        for f in sorted(p for p in (folder / sub).rglob("*") if p.is_file()):
+            h.update(f.relative_to(folder).as_posix().encode() + b"\0")
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def encoder_source(sources: dict[str, str]) -> str:
+    """The source whose text encoder a plan's models share: the first pipeline folder's, else the first source.
+
+    A plan runs one text encoder (Hybrid SD reuses the large model's); two pipeline folders
+    that ship different ones are refused rather than one of them silently ignored.
+    """
+    folders = {name: src for name, src in sources.items() if has_text_encoder(src)}
+    if len(folders) > 1:
+        prints = {name: _encoder_fingerprint(Path(src).expanduser()) for name, src in folders.items()}
+        first = next(iter(prints))
+        other = next((n for n in prints if prints[n] != prints[first]), None)
+        if other is not None:
+            raise UserError(f"models {first!r} and {other!r} come with different text encoders; a plan runs one, "
+                            f"so give every model the same one (or pass the U-Net folders alone)")
+    return next(iter(folders.values()), next(iter(sources.values())))

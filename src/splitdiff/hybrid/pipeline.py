@@ -141,12 +141,13 @@ class HybridPipeline:
 
 
 def load_pipeline(model_sources: dict[str, str], vae_source: str, dtype: torch.dtype = torch.float32) -> HybridPipeline:
-    """Load the named U-Nets, the VAE and the text encoder the first model implies."""
+    """Load the named U-Nets, the VAE and the one text encoder they share (text.encoder_source)."""
     from ..core.registry import load_unet, load_vae, noise_schedule
-    from ..text import prompt_encoder_for
+    from ..text import encoder_source, prompt_encoder_for
 
+    shared = encoder_source(model_sources)  # refuses two different encoders before anything loads
     unets = {name: load_unet(src, dtype) for name, src in model_sources.items()}
     first = next(iter(model_sources.values()))
-    encoder = prompt_encoder_for(first)
+    encoder = prompt_encoder_for(shared)
     return HybridPipeline(unets, load_vae(vae_source, dtype), encoder, noise_schedule(first),
                           encoder.model.config.hidden_size, sources=dict(model_sources))
