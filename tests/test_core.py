@@ -181,3 +181,34 @@ def test_plans_parse_and_check():
             parse_plan(bad)
     with pytest.raises(UserError, match="runs 20 steps"):
         check_plan(parse_plan("cloud:10,edge:10"), 25)
+
+
+def test_provenance_names_each_model_by_its_config_and_the_file_its_diffusers(models, embeds):
+    import json
+
+    import diffusers
+    from safetensors import safe_open
+
+    from splitdiff.core.runner import model_fingerprint
+
+    large, small, _ = models
+    traj = _traj(embeds, "ddim")
+    advance(large, [traj], 2, "m")
+    advance(small, [traj], 2, "m")  # the same name, another model: two segments, told apart
+    assert [(s.model, s.fingerprint) for s in traj.provenance] == [("m", model_fingerprint(large)),
+                                                                   ("m", model_fingerprint(small))]
+    assert model_fingerprint(large) != model_fingerprint(small)
+    data = traj.to_bytes()
+    back = Trajectory.from_bytes(data)
+    assert [s.fingerprint for s in back.provenance] == [s.fingerprint for s in traj.provenance]
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(data)
+        f.flush()
+        with safe_open(f.name, framework="pt") as st:
+            meta = json.loads(st.metadata()["splitdiff"])
+    assert meta["diffusers"] == diffusers.__version__
+    old = Trajectory.from_bytes(data)  # a file from before (no version, no fingerprints) still loads
+    old.provenance = [type(s)(s.model, s.start, s.end, s.seconds, s.where) for s in old.provenance]
+    assert "fingerprint" not in json.dumps([s.as_json() for s in old.provenance])
+    assert Trajectory.from_bytes(old.to_bytes()).provenance[0].fingerprint is None

@@ -118,6 +118,7 @@ BAD_META = {
                    [segment(where=5)], [segment(start=-1)], [segment(end=MID + 1)], [segment(start=2, end=1)],
                    [segment(seconds=math.nan)], [segment(seconds=math.inf)], [segment(seconds=-1)],
                    [segment(seconds="1")], [segment(start=1.0)], [segment(end=True)],
+                   [segment(fingerprint="xyz")], [segment(fingerprint=5)], [segment(fingerprint="0" * 64)],
                    [segment()] * (MAX_SEGMENTS + 1)],
     "scheduler": ["ddim", 5],
 }
@@ -203,6 +204,8 @@ def crafted(data: bytes, name: str) -> list[tuple[str, bytes, str | None]]:
     m("huge guidance", ["guidance_scale"], RAW, word="401 digits", raw="1" + "0" * 400)
     m("unknown field", ["step"], 1, word="step")
     m("unknown field __class__", ["__class__"], "x", word="__class__")
+    for v in [5, "1" * 41, "1.0; rm -rf", None, ["0.37"], ""]:  # optional, but a version string when there
+        m(f"diffusers={v!r:.20}", ["diffusers"], v, word="diffusers")
 
     # the scheduler: its name, steps, config and state
     for key in ("name", "config", "num_inference_steps", "state"):

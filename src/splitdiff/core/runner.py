@@ -9,6 +9,8 @@ are passed per sample; this is what the server's step-level batching builds on.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Callable, Sequence
 
@@ -102,6 +104,16 @@ def denoise_step(unet, trajs: Sequence[Trajectory]) -> dict[int, Exception]:
     return failures
 
 
+def model_fingerprint(unet) -> str:
+    """16 hex digits of sha256 over the U-Net's config: the same name on two machines, the same model?
+
+    A config hash, not a weights hash: cheap on every call, and it tells architectures and
+    their settings apart (a pruned edge U-Net from a full one), which is what resuming needs.
+    """
+    cfg = json.dumps(dict(unet.config), sort_keys=True, default=str)
+    return hashlib.sha256(cfg.encode()).hexdigest()[:16]
+
+
 def advance(unet, trajs: Sequence[Trajectory], steps: int, model_name: str = "model", where: str = "local",
             on_step: Callable[[int], None] | None = None, adapter: str | None = None,
             adapter_sha256: str | None = None) -> float:
@@ -110,7 +122,7 @@ def advance(unet, trajs: Sequence[Trajectory], steps: int, model_name: str = "mo
     `adapter` names the user adapter the U-Net computes with now (for the provenance only).
     The first trajectory failure of a step (see denoise_step) is raised.
     """
-    total = 0.0
+    total, fingerprint = 0.0, model_fingerprint(unet)
     for k in range(steps):
         live = [t for t in trajs if not t.done]
         if not live:
@@ -122,7 +134,7 @@ def advance(unet, trajs: Sequence[Trajectory], steps: int, model_name: str = "mo
         dt = time.perf_counter() - start
         total += dt
         for t in live:
-            t.record(model_name, 1, dt, where, adapter, adapter_sha256)
+            t.record(model_name, 1, dt, where, adapter, adapter_sha256, fingerprint)
         if on_step:
             on_step(k)
     return total

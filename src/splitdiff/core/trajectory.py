@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import diffusers
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors import SafetensorError
@@ -67,12 +68,15 @@ class Segment:
     where: str = "local"
     adapter: str | None = None
     adapter_sha256: str | None = None
+    fingerprint: str | None = None  # of the U-Net's config (runner.model_fingerprint): which model this name was
 
     def as_json(self) -> dict:
-        """Its fields; the adapter's only when there is one (files without adapters keep their old form)."""
+        """Its fields; the optional ones only when set (files without them keep their old form)."""
         out = vars(self).copy()
         if self.adapter is None:
             del out["adapter"], out["adapter_sha256"]
+        if self.fingerprint is None:
+            del out["fingerprint"]
         return out
 
 
@@ -119,15 +123,15 @@ class Trajectory:
         return self.guidance_scale > 1.0
 
     def record(self, model: str, steps: int, seconds: float, where: str = "local", adapter: str | None = None,
-               adapter_sha256: str | None = None) -> None:
+               adapter_sha256: str | None = None, fingerprint: str | None = None) -> None:
         last = self.provenance[-1] if self.provenance else None
-        if (last and (last.model, last.where, last.adapter, last.adapter_sha256) == (model, where, adapter,
-                                                                                       adapter_sha256)
-                and last.end == self.step_index - steps):
+        same = (model, where, adapter, adapter_sha256, fingerprint)
+        if last and (last.model, last.where, last.adapter, last.adapter_sha256, last.fingerprint) == same \
+                and last.end == self.step_index - steps:
             last.end, last.seconds = self.step_index, last.seconds + seconds
         else:
             self.provenance.append(Segment(model, self.step_index - steps, self.step_index, seconds, where, adapter,
-                                           adapter_sha256))
+                                           adapter_sha256, fingerprint))
 
     def fork(self, n: int) -> list["Trajectory"]:
         """`n` independent copies of this state, bit for bit (latents, scheduler, RNG, provenance).
@@ -165,7 +169,7 @@ class Trajectory:
                           "num_inference_steps": self.num_steps, "state": sched_state},
             "step_index": self.step_index, "guidance_scale": self.guidance_scale, "seed": self.seed,
             "prompt": self.prompt, "negative_prompt": self.negative_prompt, "degraded": self.degraded,
-            "provenance": [s.as_json() for s in self.provenance],
+            "provenance": [s.as_json() for s in self.provenance], "diffusers": diffusers.__version__,
         }
         return st_save({k: v.contiguous().cpu() for k, v in tensors.items()},
                        metadata={"splitdiff": json.dumps(meta, default=_json_default)})
@@ -226,6 +230,7 @@ def _is_text(v: Any, limit: int) -> bool:
 
 META_KEYS = ("format", "version", "half", "scheduler", "step_index", "guidance_scale", "seed", "prompt",
              "negative_prompt", "degraded", "provenance")
+OPTIONAL_META_KEYS = ("diffusers",)  # the diffusers version that wrote it (files from before carry none)
 SCHEDULER_KEYS = ("name", "config", "num_inference_steps", "state")
 SEGMENT_KEYS = ("model", "start", "end", "seconds", "where")
 ADAPTER_KEYS = ("adapter", "adapter_sha256")
@@ -269,7 +274,10 @@ def _check_meta(meta: Any) -> dict:
     _need(type(meta.get("version")) is int and meta["version"] == VERSION,
           f"format version {_show(meta.get('version'))} is not {VERSION}")
     for key in meta:
-        _need(key in META_KEYS, f"unknown field {_show(key)}")
+        _need(key in META_KEYS or key in OPTIONAL_META_KEYS, f"unknown field {_show(key)}")
+    if "diffusers" in meta:
+        _need(_is_text(meta["diffusers"], 40) and re.fullmatch(r"[0-9A-Za-z.+\-]+", meta["diffusers"]),
+              "diffusers is not a version string")
     for key in META_KEYS:
         _need(key in meta, f"missing field {key!r}")
     _need(type(meta["half"]) is bool, f"half is {_show(meta['half'])}, not true or false")
@@ -293,9 +301,12 @@ def _check_provenance(items: Any, step_index: int) -> list[Segment]:
           f"provenance is not a list of at most {MAX_SEGMENTS} segments")
     out = []
     for i, p in enumerate(items):
-        _need(isinstance(p, dict) and set(p) in (set(SEGMENT_KEYS), set(SEGMENT_KEYS + ADAPTER_KEYS)),
+        _need(isinstance(p, dict) and set(p) - {"fingerprint"} in (set(SEGMENT_KEYS), set(SEGMENT_KEYS + ADAPTER_KEYS)),
               f"provenance[{i}] is not an object with exactly {', '.join(SEGMENT_KEYS)} (and optionally "
-              f"{', '.join(ADAPTER_KEYS)})")
+              f"{', '.join(ADAPTER_KEYS)}, fingerprint)")
+        if "fingerprint" in p:
+            _need(isinstance(p["fingerprint"], str) and re.fullmatch(r"[0-9a-f]{16}", p["fingerprint"]),
+                  f"provenance[{i}].fingerprint is not 16 hexadecimal digits")
         if "adapter" in p:
             _need(_is_text(p["adapter"], MAX_NAME_CHARS) and p["adapter"], f"provenance[{i}].adapter is not a name "
                   f"of at most {MAX_NAME_CHARS} characters")
@@ -309,7 +320,7 @@ def _check_provenance(items: Any, step_index: int) -> list[Segment]:
         _need(_is_number(p["seconds"], 0.0, math.inf), f"provenance[{i}].seconds is {_show(p['seconds'])}, "
               "not a finite number >= 0")
         out.append(Segment(p["model"], p["start"], p["end"], float(p["seconds"]), p["where"], p.get("adapter"),
-                           p.get("adapter_sha256")))
+                           p.get("adapter_sha256"), p.get("fingerprint")))
     return out
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..core.registry import UNET_NAMES
-from ..core.runner import denoise_step
+from ..core.runner import denoise_step, model_fingerprint
 from ..core.schedulers import max_steps
 from ..core.trajectory import Trajectory, new_trajectory
 from ..errors import UserError
@@ -39,6 +39,7 @@ class Worker:
     def __init__(self, name: str, pipe: HybridPipeline, max_steps: int = 500, max_size: int = 256):
         self.name, self.pipe, self.max_steps, self.max_size = name, pipe, max_steps, max_size
         self.unet = pipe.unets[name]
+        self.fingerprint = model_fingerprint(self.unet)
         self.factor = latent_factor(pipe.vae)
         self.context_dim = self.unet.config.cross_attention_dim
         self.prompt_length = getattr(pipe.encoder, "max_length", None) or 77
@@ -88,5 +89,5 @@ class Worker:
         seconds = time.perf_counter() - start
         for i, t in enumerate(trajs):
             if i not in failures:
-                t.record(self.name, 1, seconds, where="cloud")
+                t.record(self.name, 1, seconds, where="cloud", fingerprint=self.fingerprint)
         return seconds, failures
