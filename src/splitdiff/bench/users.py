@@ -120,7 +120,8 @@ class Devices:
     good, which the users of that adapter share (inference only reads it).
     """
 
-    def __init__(self, edge_model: str, vae: str | None, adapters: list[str] = ()):
+    def __init__(self, edge_model: str, vae: str | None, adapters: list[str] = (), resolved=None):
+        """`resolved`: the users.plans.AdapterSet the names resolve in (default: a new one)."""
         import copy
 
         from ..hybrid.pipeline import load_pipeline
@@ -149,14 +150,14 @@ class Devices:
 
         self.pipe.decode = locked_decode
         self.pipes = {None: self.pipe}
+        resolved = resolved or AdapterSet()
         for name in adapters:
-            own = AdapterSet()
             unet = copy.deepcopy(self.pipe.unets["edge"])
-            ref = own.resolve(name)
+            ref = resolved.resolve(name)
             load_adapter(unet, ref)
             use_adapter(unet, ref)
             pipe = copy.copy(self.pipe)  # the same encoder, VAE and locks; its own U-Net
-            pipe.unets, pipe.adapters = {"edge": unet}, own
+            pipe.unets, pipe.adapters = {"edge": unet}, resolved
             self.pipes[name] = pipe
 
     def run(self, user: SimUser, url: str, steps: int, size: int, cloud_steps: int) -> dict:
@@ -344,7 +345,7 @@ def bench_users(out: Path, *, model: str = "cloud", edge_model: str = "edge", va
     refs = AdapterSet()
     owned = {name: (refs.resolve(name).concept, refs.resolve(name).token) for name in names}
     sim = draw_users(users, waves, gap, 0.6 * window, seed, owned)
-    devices = Devices(edge_model, vae, names)
+    devices = Devices(edge_model, vae, names, refs)
     from ..core.runner import advance
 
     warm = devices.pipe.start(sim[0].prompt, steps=steps, size=size)  # first calls pay for allocations

@@ -34,13 +34,14 @@ import numpy as np
 from prometheus_client import Counter, Histogram
 
 from ..errors import UserError
+from ..users.pai import MEASURED as MEASURED_PAI
 from ..users.planner import registry
 from ..users.planner.latency import Decision, latencies
-from ..users.pai import MEASURED as MEASURED_PAI
 from ..users.planner.scenario import MAX_USERS, Instance, Scenario
+from .background import BackgroundLoop
+from .batching import Busy, Job
 from .engine import Engine, EngineFailure, ShuttingDown
 from .order import FLOAT_BYTES, Order
-from .batching import Busy, Job
 from .schemas import UserBlock
 
 log = logging.getLogger("splitdiff.serve")
@@ -129,15 +130,15 @@ class PlannerTimeout(Exception):
     pass
 
 
-class Admission:
+class Admission(BackgroundLoop):
+    thread_name = "splitdiff-admission"
+
     def __init__(self, engine: Engine, config: AdmissionConfig):
+        super().__init__()
         self.engine, self.config = engine, config.check(engine.queue.max_batch)
         self.profile = engine.profile
         self.planner = self.solve  # (Scenario) -> Decision; replaceable (tests inject failures)
         self._pending: list[Ticket] = []
-        self._cv = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         r = engine.metrics.registry
         self.decisions = Counter("splitdiff_admission_decisions", "Users granted or denied, by policy",
                                  ["decision", "policy"], registry=r)
@@ -163,16 +164,8 @@ class Admission:
         return ticket
 
     # -- life -------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="splitdiff-admission", daemon=True)
-        self._thread.start()
-
     def stop(self, timeout: float = 10.0) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        self._halt(timeout)
         self._answer_pending()
 
     def _answer_pending(self) -> None:

@@ -15,16 +15,16 @@ through `submit` and the future it returns.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import defaultdict
 from concurrent.futures import Future, InvalidStateError
 
 from ..errors import UserError
+from .background import BackgroundLoop
+from .batching import BatchQueue, Job
 from .memory import Trimmer
 from .metrics import Metrics
 from .order import Order
 from .profile import StepProfile
-from .batching import Job, BatchQueue
 from .worker import Worker, batch_key
 
 log = logging.getLogger("splitdiff.serve")
@@ -38,17 +38,17 @@ class EngineFailure(Exception):
     """The model failed on a request; the cause is in the server's log, not in answers."""
 
 
-class Engine:
+class Engine(BackgroundLoop):
+    thread_name = "splitdiff-engine"
+
     def __init__(self, worker: Worker, max_batch: int = 8, max_waiting: int = 256, metrics: Metrics | None = None,
                  max_bytes: int | None = None, profile: StepProfile | None = None):
+        super().__init__()
         self.worker = worker
         self.queue = BatchQueue(max_batch, max_waiting, max_bytes)
         self.metrics = metrics or Metrics()
         self.profile = profile or StepProfile()
         self.metrics.watch_profile(self.profile)
-        self._cv = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self._trimmer = Trimmer()
 
     # -- the requests' side ---------------------------------------------------------
@@ -99,30 +99,14 @@ class Engine:
         self.metrics.held_bytes.set(self.queue.held_bytes)
         self._trimmer.observe(self.queue.held_bytes)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
     def load(self) -> tuple[int, int]:
         with self._cv:
             return len(self.queue.waiting), len(self.queue.running)
 
     # -- life -------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="splitdiff-engine", daemon=True)
-        self._thread.start()
-
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse new work, let the current call end, answer everyone still waiting with ShuttingDown."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        self._halt(timeout)
         if not self.alive:  # a loop that never ran has answered nobody yet
             self._answer_all(ShuttingDown("server is shutting down"))
 

@@ -76,7 +76,7 @@ class AdapterRef:
 
     def record(self) -> dict:
         """Its training record (training.json), or {} for an adapter made elsewhere."""
-        return _read_json(self.path / TRAINING_FILE, self.user) if (self.path / TRAINING_FILE).exists() else {}
+        return _training_record(self.path, self.user)
 
 
 def content_hash(folder: Path) -> str:
@@ -100,11 +100,16 @@ def _read_json(path: Path, who: str) -> dict:
     return data
 
 
+def _training_record(folder: Path, who: str) -> dict:
+    path = folder / TRAINING_FILE
+    return _read_json(path, who) if path.exists() else {}
+
+
 def _ref(folder: Path, user: str | None = None) -> AdapterRef:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise AdapterError(f"adapter {user or str(folder)!r} at {folder} has no {name}")
-    record = _read_json(folder / TRAINING_FILE, user or str(folder)) if (folder / TRAINING_FILE).exists() else {}
+    record = _training_record(folder, user or str(folder))
     user = user or record.get("user") or folder.name
     return AdapterRef(user, folder, content_hash(folder), record.get("concept"), record.get("token"))
 
