@@ -17,7 +17,6 @@ cannot follow when PAI(T) < 1 or PAI(0) > 0; both with R^2.
 
 from __future__ import annotations
 
-import random
 import warnings
 from pathlib import Path
 
@@ -84,14 +83,11 @@ def measure_user(pipe, ref, reader, *, steps: int, k: int, shared: str, device: 
     """One row per measured n for this user and T, and the first prompt's image per n (for the grid)."""
     from ..core.runner import advance, decode
     from ..core.trajectory import Trajectory
-    from ..users.presence import rest_of_prompt
-    from ..world.concepts import concept_prompt, parse_concept, sample_concept_scene
+    from ..users.presence import concept_prompts, rest_of_prompt
+    from ..world.concepts import parse_concept
 
     concept = parse_concept(ref.concept)
-    rng = random.Random(seed)
-    scenes = [sample_concept_scene(rng, concept) for _ in range(k)]
-    prompts = [concept_prompt(s, concept, ref.token) for s in scenes]
-    seeds = [seed * 100_003 + i for i in range(k)]
+    scenes, prompts, seeds = concept_prompts(concept, ref.token, k, seed)
     kept = _prefixes(pipe, shared, prompts, seeds, steps, **options)
     rows, firsts = [], {}
     for n in n_values(steps, every):

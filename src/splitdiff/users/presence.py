@@ -35,6 +35,13 @@ def rest_of_prompt(reading, scene) -> float:
     return hits / total
 
 
+def concept_prompts(concept, token: str, n: int, seed: int) -> tuple[list, list[str], list[int]]:
+    """n scenes from the concept's own sampler, their prompts written with the token, and their seeds."""
+    rng = random.Random(seed)
+    scenes = [sample_concept_scene(rng, concept) for _ in range(n)]
+    return scenes, [concept_prompt(s, concept, token) for s in scenes], [seed * 100_003 + i for i in range(n)]
+
+
 def generate(pipe, prompts: list[str], seeds: list[int], ref: AdapterRef | None, steps: int = 25,
              adapter_steps: int | None = None, shared: str = "edge", device: str = "edge",
              scheduler: str = "dpmsolver++", guidance: float = 5.0, size: int = 64) -> torch.Tensor:
@@ -68,10 +75,7 @@ def concept_presence(ref: AdapterRef, n: int = 32, steps: int = 25, base: str = 
     pipe = load_pipeline({"edge": base}, vae)
     timings = adapter_timings(pipe.unets["edge"], ref)  # refuses an adapter that does not fit, before any work
     reader = default_reader()
-    rng = random.Random(seed)
-    scenes = [sample_concept_scene(rng, concept) for _ in range(n)]
-    prompts = [concept_prompt(s, concept, ref.token) for s in scenes]
-    seeds = [seed * 100_003 + i for i in range(n)]
+    scenes, prompts, seeds = concept_prompts(concept, ref.token, n, seed)
     result = {"user": ref.user, "concept": ref.concept, "sha256": ref.sha256, "prompts": n, "steps": steps,
               "scheduler": scheduler, "guidance": guidance}
     for label, adapter in (("adapter", ref), ("base", None)):
