@@ -61,7 +61,7 @@ def test_dry_run_prints_stages_and_parameter_counts_and_writes_nothing(tmp_path,
     large = counts["large"]
     assert 25_000_000 <= large["cloud"] <= 40_000_000
     assert large["edge"] <= 0.25 * large["cloud"]
-    assert large["vae"] > counts["current"]["vae"]
+    assert large["vae"] == counts["current"]["vae"] and SCALES["large"].reuse == ("vae", "tiny-decoder")
     assert all(2 * n <= MAX_WEIGHTS_BYTES for scale in counts.values() for n in scale.values())
 
 
@@ -143,3 +143,29 @@ def test_the_time_limit_stops_the_chain_at_a_checkpoint_and_the_next_run_resumes
     assert not json.loads((tmp_path / "family.json").read_text())["complete"]
     assert (tmp_path / "runs" / "vae" / "checkpoint.safetensors").exists()
     assert [r.status for r in plan_family("tiny", tmp_path)[0]][:3] == ["skip", "resume", "run"]
+
+
+def test_steps_and_until_choose_how_much_of_the_chain_runs(tmp_path):
+    assert family.parse_steps("cloud=6000, edge=30") == {"cloud": 6000, "edge": 30}
+    assert family.get_scale("large", {"cloud": 6000}).cloud.steps == 6000
+    for bad, why in (("unet=5", "unknown stage 'unet'"), ("cloud=0", "at least 1"), ("cloud=x", "whole number")):
+        with pytest.raises(UserError, match=why):
+            family.parse_steps(bad)
+    with pytest.raises(UserError, match="--until: unknown stage 'sky'"):
+        train_family("tiny", tmp_path, device="cpu", until="sky")
+    rows = train_family("tiny", tmp_path, device="cpu", echo=lambda _: None, steps={"vae": 3}, until="latent-cache")
+    assert [r.status for r in rows] == ["skipped", "ran", "ran"] + ["not asked"] * 4
+    assert json.loads((tmp_path / "weights" / "vae" / "training.json").read_text())["steps"] == 3
+    assert family.is_complete(rows) and not (tmp_path / "weights" / "cloud").exists()
+
+
+def test_a_reused_stage_is_the_shipped_model_copied_and_feeds_the_stages_after_it(tmp_path, monkeypatch):
+    tiny = SCALES["tiny"]
+    shipped_vae = tuple(json.loads((WEIGHTS_DIR / "vae" / "config.json").read_text())["block_out_channels"])
+    monkeypatch.setitem(SCALES, "tiny", dataclasses.replace(tiny, vae_channels=shipped_vae, reuse=("vae",)))
+    rows = train_family("tiny", tmp_path, device="cpu", echo=lambda _: None, until="latent-cache")
+    assert [r.status for r in rows][:3] == ["skipped", "ran", "ran"]
+    copied = tmp_path / "weights" / "vae" / "diffusion_pytorch_model.safetensors"
+    assert copied.read_bytes() == (WEIGHTS_DIR / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "weights" / "vae" / "training.json").read_text())["copied_from"] == "shipped"
+    assert [r.status for r in plan_family("tiny", tmp_path)[0]][:4] == ["skip", "skip", "skip", "run"]

@@ -393,6 +393,9 @@ def train_family_cmd(
                                                 "in all; the same command goes on."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages, their configs, parameter counts and "
                                  "steps; write nothing."),
+    steps: Optional[str] = typer.Option(None, help="Training steps for some stages instead of the scale's, "
+                                        "e.g. cloud=6000,edge=3000."),
+    until: Optional[str] = typer.Option(None, help="Stop after this stage (e.g. edge: bench elsewhere)."),
 ):
     """Every stage, in order and resumably: evaluator (if missing), VAE, latent cache, cloud, edge, tiny decoder, bench.
 
@@ -400,15 +403,17 @@ def train_family_cmd(
     """
     from rich.console import Console
 
-    from .train.family import is_complete, print_plan, summary_table, train_family
+    from .train.family import is_complete, parse_steps, print_plan, summary_table, train_family
 
+    stage_steps = parse_steps(steps)
     if dry_run:
-        print_plan(scale, out, device, echo=typer.echo)
+        print_plan(scale, out, device, echo=typer.echo, steps=stage_steps)
         return
-    results = train_family(scale, out, device=device, max_minutes=max_minutes, echo=typer.echo)
+    results = train_family(scale, out, device=device, max_minutes=max_minutes, echo=typer.echo, steps=stage_steps,
+                           until=until)
     Console().print(summary_table(results, out, scale))
     if is_complete(results):
-        typer.echo(f"family complete under {out}")
+        typer.echo(f"family complete under {out}" if until is None else f"done up to {until} under {out}")
     else:
         typer.echo(f"stopped before the end: run the same command again to go on from {out}")
 

@@ -51,8 +51,7 @@ def make_ema(model: torch.nn.Module) -> torch.nn.Module:
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
     """EMA with warm-up (decay grows as (1 + step) / (10 + step)): the random init fades fast."""
     decay = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
@@ -68,7 +67,7 @@ def _logger(run_dir: Path) -> logging.Logger:
 
 
 def run_training(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 step_fn: Callable[[int], float], on_checkpoint: Callable[[TrainState, torch.nn.Module], None] | None = None,
+                 step_fn: Callable[[int], torch.Tensor | float], on_checkpoint: Callable[[TrainState, torch.nn.Module], None] | None = None,
                  desc: str = "train") -> TrainState:
     """Run `step_fn` until total_steps, the time limit or a signal; return the final state.
 
@@ -120,15 +119,15 @@ def run_training(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.optim
                 log.info("stopping: --max-minutes %.1f reached", cfg.max_minutes)
                 break
             model.train()
-            loss = float(step_fn(state.step))
+            losses.append(step_fn(state.step))  # a tensor stays on its device: no wait for the GPU each step
             if ema is not None:
                 update_ema(ema, model, cfg.ema_decay, state.step)
             state.step += 1
-            losses.append(loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
             if state.step % cfg.log_every == 0:
-                log.info(json.dumps({"step": state.step, "loss": sum(losses) / len(losses)}))
+                mean = float(sum(torch.as_tensor(x, dtype=torch.float32) for x in losses)) / len(losses)
+                bar.set_postfix(loss=f"{mean:.4f}")
+                log.info(json.dumps({"step": state.step, "loss": mean}))
                 losses.clear()
             if state.step % cfg.checkpoint_every == 0 and state.step < cfg.total_steps:
                 _save()  # the last step's checkpoint is the one below
@@ -154,12 +153,12 @@ def set_cosine_lr(optimizer: torch.optim.Optimizer, step: int, total: int, base_
         group["lr"] = lr
 
 
-def optimize(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float | None = None) -> float:
-    """One optimizer step on `loss` (gradients clipped to norm `clip` when given); the loss as a float."""
+def optimize(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float | None = None) -> torch.Tensor:
+    """One optimizer step on `loss` (gradients clipped to norm `clip` when given); the loss, detached."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip is not None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
-    return loss.item()
+    return loss.detach()
