@@ -95,3 +95,13 @@ def test_asking_for_a_gpu_without_one_is_one_line(tmp_path):
     r = run("train", "unet", "--device", "cuda", cwd=tmp_path)
     assert r.returncode == 2 and "sees no GPU" in r.stderr and "Traceback" not in r.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_non_square_in_bf16_then_resumed_in_fp32(tmp_path, models):
+    state, out = tmp_path / "s.safetensors", tmp_path / "wide.png"
+    r = run("generate", PROMPT, "--plan", "cloud:3,edge:5", "--steps", 8, "--height", 32, "--width", 64,
+            "--dtype", "bf16", "--device", "cpu", "--save-state", state, *models)
+    assert r.returncode == 0, r.stderr
+    r = run("resume", state, "--plan", "edge:5", "--out", out, "--dtype", "fp32", *models)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (64, 32)

@@ -53,6 +53,14 @@ BAD = [
                  id="parallel-out-under-a-file"),
     pytest.param(["resume", "s.safetensors", "--plan", "edge:5", "--decoder", "weird"],
                  "--decoder must be full or tiny", id="resume-decoder"),
+    pytest.param(["generate", "p", "--device", "tpu"], "unknown device 'tpu'", id="device-tpu"),
+    pytest.param(["generate", "p", "--dtype", "fp8"], "unknown dtype 'fp8'", id="dtype-fp8"),
+    pytest.param(["serve", "--dtype", "int8"], "unknown dtype 'int8'", id="serve-dtype"),
+    pytest.param(["generate", "p", "--height", "8"], "'--height'", id="height-8"),
+    pytest.param(["generate", "p", "--scheduler", "pndm"], "unknown scheduler 'pndm'", id="scheduler-pndm"),
+    pytest.param(["generate", "p", "--cloud-url", "http://127.0.0.1:9", "--height", "32", "--width", "64"],
+                 "--cloud-url serves square images", id="cloud-non-square"),
+    pytest.param(["train", "unet", "--role", "huge"], "unknown U-Net role 'huge'", id="train-unet-role"),
 ]
 
 

@@ -12,7 +12,8 @@ from typing import Optional
 
 import typer
 
-from .cli_options import MAX_STEPS, SEED_MAX, SEED_MIN, check_guidance, check_output, finite
+from .cli_options import (MAX_STEPS, RUN_DEVICE, RUN_DTYPE, SEED_MAX, SEED_MIN, check_guidance, check_output,
+                          finite)
 from .errors import UserError
 from .users.pai import format_pai
 
@@ -51,7 +52,8 @@ def _progress(plan_total: int):
     return bar, on_step
 
 
-def _pipeline_for(plan, model: list[str] | None, vae: Optional[str], decoder: str):
+def _pipeline_for(plan, model: list[str] | None, vae: Optional[str], decoder: str, device: str = "cpu",
+                  dtype: str = "fp32", variant: Optional[str] = None, text_encoder: Optional[str] = None):
     """The models the plan names, loaded through the library's SplitPipeline; its HybridPipeline."""
     from .core.registry import parse_model_specs, resolve
     from .pipeline import SplitPipeline
@@ -63,7 +65,8 @@ def _pipeline_for(plan, model: list[str] | None, vae: Optional[str], decoder: st
     for s in plan:  # users' adapters: refused before any model is loaded when missing
         if s.adapter:
             adapters.resolve(s.adapter)
-    pipe = SplitPipeline.from_pretrained(sources, vae=vae, decoder=decoder).hybrid
+    pipe = SplitPipeline.from_pretrained(sources, vae=vae, decoder=decoder, torch_dtype=dtype, device=device,
+                                         variant=variant, text_encoder=text_encoder).hybrid
     pipe.adapters = adapters
     return pipe
 
@@ -98,14 +101,24 @@ def generate(
     prompt: str = typer.Argument(..., help="A Shapes-world prompt (or any prompt for a real SD model)."),
     plan: str = typer.Option("cloud:10,edge:15", help="Step plan, e.g. cloud:10,edge:15."),
     steps: int = typer.Option(25, min=1, max=MAX_STEPS, help="Total denoising steps; the plan must add up to it."),
-    scheduler: str = typer.Option("dpmsolver++", help="ddim, dpmsolver++, euler or euler-a."),
+    scheduler: str = typer.Option("dpmsolver++", help="ddim, dpmsolver++, euler, euler-a, or folder (the first "
+                                  "model's pipeline folder's own scheduler, with all its settings)."),
     seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX),
     guidance: float = typer.Option(5.0, callback=check_guidance,
                                    help="Classifier-free guidance scale, 0..100 (<= 1 disables it)."),
-    size: int = typer.Option(64, min=16, max=2048, help="Image side in pixels."),
+    size: int = typer.Option(64, min=16, max=2048, help="Image side in pixels (both sides unless --height or "
+                             "--width say otherwise)."),
+    height: Optional[int] = typer.Option(None, min=16, max=2048, help="Image height in pixels (default: --size)."),
+    width: Optional[int] = typer.Option(None, min=16, max=2048, help="Image width in pixels (default: --size)."),
     negative: str = typer.Option("", help="Negative prompt."),
     model: Optional[list[str]] = typer.Option(None, help="NAME=PATH: bind a plan name to a diffusers folder."),
     vae: Optional[str] = typer.Option(None, help="VAE name or folder (default: the family's, or the pipeline's)."),
+    text_encoder: Optional[str] = typer.Option(None, help="A folder with text_encoder/ and tokenizer/ (a pipeline "
+                                               "folder) for plans of bare U-Net folders."),
+    variant: Optional[str] = typer.Option(None, help="Weights variant to load, e.g. fp16 (found by itself when a "
+                                          "folder has only that)."),
+    device: str = RUN_DEVICE,
+    dtype: str = RUN_DTYPE,
     decoder: Optional[str] = typer.Option(None, help="full or tiny: which decoder when --vae is not given "
                                           "(default: full; tiny with --cloud-url when installed)."),
     out: Path = typer.Option(Path("out.png"), help="Image file to write."),
@@ -138,8 +151,10 @@ def generate(
     parsed = parse_plan(plan)
     check_plan(parsed, steps)
     patch = PatchPlan.parse(parallel, ranks, parallel_models, parsed)
-    if scheduler not in SCHEDULERS:
-        raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if scheduler not in SCHEDULERS and scheduler != "folder":
+        raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)} or folder")
+    _check_placement(device, dtype)
+    sides = dict(size=size, height=height, width=width)
     if save_state is None:
         _check_out(out)
     else:
@@ -153,13 +168,18 @@ def generate(
     if cloud_url:
         if save_state or patch:
             raise UserError(f"{'--save-state' if save_state else '--parallel'} and --cloud-url do not go together")
+        if (height or size) != (width or size):
+            raise UserError("--cloud-url serves square images: give --size, not a different --height and --width")
+        if scheduler == "folder":
+            raise UserError("--scheduler folder and --cloud-url do not go together: name the scheduler")
+        size = height or width or size
         return _generate_with_cloud(parsed, prompt, cloud_url, token, timeout, half, model, vae, decoder, out,
                                     strict, negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
                                     guidance=guidance, size=size,
                                     user=None if user is None else (user, alpha, device_step_seconds))
-    pipe = _pipeline_for(parsed, model, vae, decoder)
+    pipe = _pipeline_for(parsed, model, vae, decoder, device, dtype, variant, text_encoder)
     traj = pipe.start(prompt, negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
-                      guidance_scale=guidance, size=size)
+                      guidance_scale=guidance, **sides)
     if patch:
         from tqdm import tqdm
 
@@ -179,6 +199,14 @@ def generate(
         typer.echo(f"wrote {save_state} (step {traj.step_index} of {traj.num_steps})")
         return
     _finish(pipe, traj, out, strict=strict)
+
+
+def _check_placement(device: str, dtype: str) -> None:
+    """--device and --dtype, refused in one line before any model loads."""
+    from .core.devices import parse_dtype, resolve_device
+
+    resolve_device(device)
+    parse_dtype(dtype)
 
 
 def _tiny_decoder_installed() -> bool:
@@ -242,6 +270,8 @@ def serve(
                                           "take before FIFO decides the window."),
     pai: str = typer.Option(format_pai(), help="The PAI curve A,B the planner weighs splits with: "
                             "1 / (1 + exp(-A (n - B))), n the device's steps."),
+    device: str = RUN_DEVICE,
+    dtype: str = RUN_DTYPE,
 ):
     """Serve a model's first steps over HTTP with step-level batching (API docs at /docs)."""
     if role != "cloud":
@@ -256,8 +286,9 @@ def serve(
     limits = Limits(max_batch, max_waiting, max_steps, max_size, max_queue_bytes=max_queue_mb * 1024 * 1024,
                     max_connections=max_connections, header_timeout=header_timeout)
     admit = AdmissionConfig(admission, window, capacity, solver, planner_timeout, parse_pai(pai)).check(max_batch)
-    run(build_app(model, name=name, vae=vae, token=load_token(token_file), limits=limits, admission=admit), host,
-        port, log_level, limits)
+    _check_placement(device, dtype)
+    run(build_app(model, name=name, vae=vae, token=load_token(token_file), limits=limits, admission=admit,
+                  device=device, dtype=dtype), host, port, log_level, limits)
 
 
 @app.command()
@@ -268,6 +299,10 @@ def resume(
     vae: Optional[str] = typer.Option(None),
     decoder: str = typer.Option("full", help="full or tiny: which decoder when --vae is not given."),
     out: Path = typer.Option(Path("out.png")),
+    text_encoder: Optional[str] = typer.Option(None, help="As for generate (its width must fit the trajectory)."),
+    variant: Optional[str] = typer.Option(None, help="Weights variant to load, e.g. fp16."),
+    device: str = RUN_DEVICE,
+    dtype: str = RUN_DTYPE,
 ):
     """Continue a saved trajectory with another plan and write the image."""
     from .core.plan import check_plan, parse_plan
@@ -276,6 +311,7 @@ def resume(
     parsed = parse_plan(plan)
     _check_out(out)
     _check_decoder(decoder)
+    _check_placement(device, dtype)
     try:
         if state.stat().st_size > MAX_BYTES:
             raise UserError(f"{state} is {state.stat().st_size:,} bytes, more than any trajectory ({MAX_BYTES:,})")
@@ -284,7 +320,7 @@ def resume(
         raise UserError(f"cannot read {state}: {e.strerror}") from None
     traj = Trajectory.from_bytes(data)
     check_plan(parsed, traj.num_steps, traj.step_index)
-    pipe = _pipeline_for(parsed, model, vae, decoder)
+    pipe = _pipeline_for(parsed, model, vae, decoder, device, dtype, variant, text_encoder)
     pipe.check(traj, parsed)  # refused before any progress is drawn
     bar, on_step = _progress(traj.remaining)
     with bar:
@@ -365,7 +401,7 @@ N128 = typer.Option(8000, min=0, help="Cached 128 px samples.")
 
 @train_app.command("unet")
 def train_unet_cmd(
-    size: str = typer.Option("cloud", help="Which U-Net of the family (the edge one comes from `compress`)."),
+    role: str = typer.Option("cloud", help="Which U-Net of the family (the edge one comes from `compress`)."),
     run_dir: Optional[Path] = typer.Option(None), steps: int = typer.Option(8000, min=1),
     max_minutes: Optional[float] = MAX_MINUTES, out: Optional[Path] = typer.Option(None),
     device: str = DEVICE, lr: float = typer.Option(4e-4, min=0.0, callback=finite), batch_size: int = BATCH_SIZE,
@@ -375,9 +411,9 @@ def train_unet_cmd(
     from .core.registry import WEIGHTS_DIR
     from .train.unet import UNET_CONFIGS, train_unet
 
-    if size not in UNET_CONFIGS:
-        raise UserError(f"unknown U-Net size {size!r}; choose one of {', '.join(UNET_CONFIGS)}")
-    train_unet(run_dir or Path(f"runs/unet-{size}"), out or WEIGHTS_DIR / size, size=size, steps=steps,
+    if role not in UNET_CONFIGS:
+        raise UserError(f"unknown U-Net role {role!r}; choose one of {', '.join(UNET_CONFIGS)}")
+    train_unet(run_dir or Path(f"runs/unet-{role}"), out or WEIGHTS_DIR / role, role=role, steps=steps,
                max_minutes=max_minutes, lr=lr,
                **_data_options(device, batch_size, batch_size_128, quarters_128, n64, n128))
 

@@ -37,3 +37,8 @@ def check_output(path: os.PathLike | str, flag: str) -> None:
     reason = unwritable_reason(path)
     if reason:
         raise UserError(f"{flag} {path}: {reason}")
+
+
+RUN_DEVICE = typer.Option("auto", help="Where the U-Nets and decoder run: auto (the GPU when there is one), cpu or "
+                          "cuda[:N].")
+RUN_DTYPE = typer.Option("fp32", help="Their precision: fp32, fp16 or bf16 (trajectories stay fp32).")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import torch
+
 from .core.plan import Plan, check_plan, format_plan, parse_plan, plan_steps
 from .core.trajectory import Trajectory
 from .errors import UserError
@@ -40,15 +42,21 @@ class SplitPipeline:
 
     @classmethod
     def from_pretrained(cls, models: Mapping[str, str] | Sequence[str] = ("cloud", "edge"), vae: str | None = None,
-                        decoder: str = "full", users: str | Path | None = None) -> "SplitPipeline":
+                        decoder: str = "full", users: str | Path | None = None, *,
+                        torch_dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+                        variant: str | None = None, text_encoder: str | None = None) -> "SplitPipeline":
         """Load U-Nets by plan name: {"cloud": "cloud", "edge": "/path/to/unet-or-pipeline-folder"}.
 
         A value is a name of the embedded family or a diffusers folder; a sequence of names
         loads those names as they are. `vae` names the VAE (default: a pipeline folder's
         own, else the family's; `decoder="tiny"` takes the family's tiny decoder). `users`
         is the folder of users' adapters that plans like `edge@ana:10` look up (default:
-        $SPLITDIFF_USERS, else the shipped ones).
+        $SPLITDIFF_USERS, else the shipped ones). `torch_dtype` (fp32, fp16, bf16) and
+        `device` (cpu, cuda[:N], auto) place the U-Nets and the decoder; `variant="fp16"`
+        loads fp16-variant weight files (found by themselves when a folder has no others);
+        `text_encoder` names a folder with text_encoder/ and tokenizer/ for bare U-Net folders.
         """
+        from .core.devices import parse_dtype, resolve_device
         from .core.registry import resolve
         from .hybrid.pipeline import load_pipeline
         from .users.plans import AdapterSet
@@ -63,9 +71,27 @@ class SplitPipeline:
             first = Path(next(iter(sources.values())))
             vae = "tiny-decoder" if decoder == "tiny" else str(first) if (first / "vae" / "config.json").exists() \
                 else "vae"
-        hybrid = load_pipeline(sources, vae)
+        dtype = parse_dtype(torch_dtype)
+        place = resolve_device(device) if device is not None else None
+        hybrid = load_pipeline(sources, vae, dtype, variant, text_encoder)
         hybrid.adapters = AdapterSet(Path(users) if users is not None else None)
-        return cls(hybrid)
+        return cls(hybrid).to(place)
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "SplitPipeline":
+        """Move the U-Nets and the decoder, diffusers-style; trajectories stay float32 on the CPU."""
+        from .core.devices import parse_dtype, resolve_device
+
+        self.hybrid.to(resolve_device(device) if device is not None else None,
+                       parse_dtype(dtype) if dtype is not None else None)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.hybrid.unets.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.hybrid.unets.values())).dtype
 
     @property
     def models(self) -> list[str]:
@@ -92,14 +118,19 @@ class SplitPipeline:
 
     def start(self, prompt: str | Sequence[str], *, seed: int | Sequence[int] = 0, negative_prompt: str = "",
               steps: int = 25, scheduler: str = "dpmsolver++", guidance_scale: float = 5.0,
-              size: int = 64) -> list[Trajectory]:
-        """Trajectories at step 0, one per prompt; `seed` is one per prompt, or a first seed counted up."""
+              size: int | None = None, height: int | None = None, width: int | None = None) -> list[Trajectory]:
+        """Trajectories at step 0, one per prompt; `seed` is one per prompt, or a first seed counted up.
+
+        `height` and `width` in pixels default to `size` (default 64); `scheduler="folder"`
+        runs a pipeline folder's own scheduler with all its settings.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = list(seed) if isinstance(seed, Sequence) else [seed + i for i in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         return self.hybrid.start_many(prompts, seeds, negative_prompt=negative_prompt, steps=steps,
-                                      scheduler=scheduler, guidance_scale=guidance_scale, size=size)
+                                      scheduler=scheduler, guidance_scale=guidance_scale, size=size, height=height,
+                                      width=width)
 
     def run(self, traj: Trajectory, plan: str | Plan | None = None, on_step: OnStep | None = None,
             pause: bool = False) -> Trajectory:
@@ -120,11 +151,12 @@ class SplitPipeline:
 
     def __call__(self, prompt: str | Sequence[str], plan: str | Plan | None = None, *, steps: int = 25,
                  scheduler: str = "dpmsolver++", seed: int | Sequence[int] = 0, guidance_scale: float = 5.0,
-                 negative_prompt: str = "", size: int = 64, on_step: OnStep | None = None) -> SplitOutput:
+                 negative_prompt: str = "", size: int | None = None, height: int | None = None,
+                 width: int | None = None, on_step: OnStep | None = None) -> SplitOutput:
         """Generate one image per prompt with the plan; the trajectories come back with them."""
         parsed = self.plan(plan, steps)
         trajs = self.start(prompt, seed=seed, negative_prompt=negative_prompt, steps=steps, scheduler=scheduler,
-                           guidance_scale=guidance_scale, size=size)
+                           guidance_scale=guidance_scale, size=size, height=height, width=width)
         for traj in trajs:
             self.run(traj, parsed, on_step)
         return SplitOutput([self.decode(t) for t in trajs], trajs)

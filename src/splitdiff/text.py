@@ -75,8 +75,12 @@ class ClipEncoder:
     def __init__(self, pipeline_dir: Path):
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from .core.registry import weights_variant
+
         self.tokenizer = CLIPTokenizer.from_pretrained(pipeline_dir / "tokenizer", local_files_only=True)
-        self.model = CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder", local_files_only=True).eval()
+        folder = pipeline_dir / "text_encoder"
+        self.model = CLIPTextModel.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32,
+                                                   variant=weights_variant(folder)).eval()
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, None]:
@@ -109,12 +113,19 @@ def _encoder_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def encoder_source(sources: dict[str, str]) -> str:
-    """The source whose text encoder a plan's models share: the first pipeline folder's, else the first source.
+def encoder_source(sources: dict[str, str], text_encoder: str | None = None) -> str:
+    """The source whose text encoder a plan's models share: `text_encoder` when named (a folder with
+    text_encoder/ and tokenizer/, e.g. the pipeline a bare U-Net folder was cut from), else the first
+    pipeline folder's, else the first source (the embedded MiniLM).
 
     A plan runs one text encoder (Hybrid SD reuses the large model's); two pipeline folders
     that ship different ones are refused rather than one of them silently ignored.
     """
+    if text_encoder is not None:
+        if not has_text_encoder(text_encoder):
+            raise UserError(f"text encoder {text_encoder!r} is not a folder with text_encoder/config.json "
+                            f"and tokenizer/")
+        return text_encoder
     folders = {name: src for name, src in sources.items() if has_text_encoder(src)}
     if len(folders) > 1:
         prints = {name: _encoder_fingerprint(Path(src).expanduser()) for name, src in folders.items()}

@@ -43,25 +43,37 @@ def _class_name(folder: Path) -> str:
         raise UserError(f"{folder / 'config.json'} is not a diffusers model config") from None
 
 
-def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
+def weights_variant(folder: Path, variant: str | None = None) -> str | None:
+    """The weights variant to load: the one asked for, else "fp16" when a folder ships only
+    `*.fp16.safetensors` (as many Stable Diffusion downloads do), else None (the plain file)."""
+    if variant is not None:
+        if not any(folder.glob(f"*.{variant}.safetensors")):
+            raise UserError(f"{folder} has no {variant!r} variant (no *.{variant}.safetensors)")
+        return variant
+    plain = any(p for p in folder.glob("*.safetensors") if p.name.count(".") == 1)
+    return "fp16" if not plain and any(folder.glob("*.fp16.safetensors")) else None
+
+
+def _from_pretrained(cls, folder: Path, dtype: torch.dtype, variant: str | None = None):
+    variant = weights_variant(folder, variant)
     try:
-        return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True).eval()
+        return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, variant=variant).eval()
     except (OSError, ValueError, EnvironmentError) as e:
         raise UserError(f"cannot load {cls.__name__} from {folder}: {str(e).splitlines()[0]}") from None
 
 
 @lru_cache(maxsize=8)
-def load_unet(spec: str, dtype: torch.dtype = torch.float32):
+def load_unet(spec: str, dtype: torch.dtype = torch.float32, variant: str | None = None):
     from diffusers import UNet2DConditionModel
 
     folder = _folder(spec, UNET_NAMES, "unet", "U-Net")
     if _class_name(folder) != "UNet2DConditionModel":
         raise UserError(f"{folder} holds a {_class_name(folder)}, not a UNet2DConditionModel")
-    return _from_pretrained(UNet2DConditionModel, folder, dtype)
+    return _from_pretrained(UNet2DConditionModel, folder, dtype, variant)
 
 
 @lru_cache(maxsize=8)
-def load_vae(spec: str, dtype: torch.dtype = torch.float32):
+def load_vae(spec: str, dtype: torch.dtype = torch.float32, variant: str | None = None):
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     folder = _folder(spec, VAE_NAMES, "vae", "VAE")
@@ -69,7 +81,7 @@ def load_vae(spec: str, dtype: torch.dtype = torch.float32):
     name = _class_name(folder)
     if name not in classes:
         raise UserError(f"{folder} holds a {name}, not an AutoencoderKL or AutoencoderTiny")
-    return _from_pretrained(classes[name], folder, dtype)
+    return _from_pretrained(classes[name], folder, dtype, variant)
 
 
 def noise_schedule(spec: str) -> dict | None:
@@ -83,6 +95,31 @@ def noise_schedule(spec: str) -> dict | None:
         data = json.loads(cfg.read_text())
         return {k: v for k, v in data.items() if k in NOISE_SCHEDULE_KEYS}
     return None
+
+
+def folder_scheduler(spec: str) -> tuple[str, dict]:
+    """A pipeline folder's own scheduler, as (splitdiff's name for its class, its checked config).
+
+    What `--scheduler folder` runs: every setting of the folder's scheduler (Karras sigmas,
+    solver order...) that the trajectory format can carry; a class or a setting it cannot
+    carry is refused in one line rather than run under another name.
+    """
+    from .schedulers import SCHEDULERS, check_config
+
+    cfg = Path(spec).expanduser() / "scheduler" / "scheduler_config.json"
+    if spec in UNET_NAMES or not cfg.exists():
+        raise UserError(f"--scheduler folder needs a pipeline folder with scheduler/scheduler_config.json; "
+                        f"{spec!r} has none")
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{cfg} is not a JSON scheduler config") from None
+    by_class = {cls.__name__: name for name, cls in SCHEDULERS.items()}
+    name = by_class.get(data.get("_class_name")) if isinstance(data, dict) else None
+    if name is None:
+        raise UserError(f"{cfg}: scheduler class {data.get('_class_name') if isinstance(data, dict) else data!r} "
+                        f"is not one splitdiff runs ({', '.join(by_class)})")
+    return name, check_config(name, data)
 
 
 def family_available() -> bool:

@@ -7,6 +7,7 @@ Composition only: encoding, advancing and decoding are the core's.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -72,27 +73,67 @@ class HybridPipeline:
     # in which the U-Net computes with that adapter (the users axis' AdapterSet); None: plans name no adapters
     adapters: Any = None
 
+    # `scheduler="folder"` runs the scheduler of this source (the plan's first model's folder)
+    scheduler_source: str | None = None
+
     def __post_init__(self):
         check_compatible(self.unets, self.vae, self.context_dim)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "HybridPipeline":
+        """Move the U-Nets and the decoder (the text encoder stays where it is: it runs once per prompt).
+
+        Trajectories stay float32 on the CPU; each step's inputs are cast to the U-Net's device and dtype.
+        """
+        def moved(model):  # a copy: loaded models are cached and shared, and must not move under their other users
+            same = (device is None or model.device == torch.device(device)) and (dtype is None or model.dtype == dtype)
+            return model if same else copy.deepcopy(model).to(device=device, dtype=dtype)
+
+        self.unets = {name: moved(unet) for name, unet in self.unets.items()}
+        self.vae = moved(self.vae)
+        return self
+
+    def sides(self, size: int | None = None, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(height, width) in pixels: each given one, else `size`, else 64; refused unless the VAE's factor divides it."""
+        h, w = height or size or 64, width or size or 64
+        f = latent_factor(self.vae)
+        for what, side in (("height", h), ("width", w)):
+            if side % f:
+                raise UserError(f"{what} {side} is not a multiple of the VAE's factor {f}")
+        return h, w
 
     def start(self, prompt: str, *, negative_prompt: str = "", seed: int = 0, **options) -> Trajectory:
         """Encode the prompt and draw the seeded noise: a trajectory at step 0."""
         return self.start_many([prompt], [seed], negative_prompt=negative_prompt, **options)[0]
 
+    def scheduler_for(self, scheduler: str) -> tuple[str, dict | None]:
+        """(scheduler name, config) for a named scheduler over the models' noise schedule, or for "folder"."""
+        from ..core.registry import folder_scheduler
+
+        if scheduler != "folder":
+            return scheduler, self.noise_schedule
+        if self.scheduler_source is None:
+            raise UserError("--scheduler folder needs the plan's first model to be a pipeline folder with "
+                            "scheduler/scheduler_config.json")
+        return folder_scheduler(self.scheduler_source)
+
     def start_many(self, prompts: list[str], seeds: list[int], *, negative_prompt: str = "", steps: int = 25,
-                   scheduler: str = "dpmsolver++", guidance_scale: float = 5.0, size: int = 64) -> list[Trajectory]:
-        """One trajectory at step 0 per (prompt, seed), sharing one negative prompt; one encoder call."""
+                   scheduler: str = "dpmsolver++", guidance_scale: float = 5.0, size: int | None = None,
+                   height: int | None = None, width: int | None = None) -> list[Trajectory]:
+        """One trajectory at step 0 per (prompt, seed), sharing one negative prompt; one encoder call.
+
+        `height` and `width` (pixels) default to `size`, which defaults to 64.
+        """
+        h, w = self.sides(size, height, width)
         f = latent_factor(self.vae)
-        if size % f:
-            raise UserError(f"size {size} is not a multiple of the VAE's factor {f}")
+        name, config = self.scheduler_for(scheduler)
         channels = next(iter(self.unets.values())).config.in_channels
         start = time.perf_counter()
         emb, mask = self.encoder(list(prompts) + [negative_prompt])
         self.timings["encode"] = time.perf_counter() - start
         return [new_trajectory(
-            emb[i], emb[-1], latent_shape=(channels, size // f, size // f), scheduler=scheduler, steps=steps,
+            emb[i], emb[-1], latent_shape=(channels, h // f, w // f), scheduler=name, steps=steps,
             seed=seed, guidance_scale=guidance_scale, prompt_mask=None if mask is None else mask[i],
-            negative_mask=None if mask is None else mask[-1], noise_schedule=self.noise_schedule,
+            negative_mask=None if mask is None else mask[-1], noise_schedule=config,
             prompt=p, negative_prompt=negative_prompt) for i, (p, seed) in enumerate(zip(prompts, seeds))]
 
     def run(self, traj: Trajectory, plan: Plan, on_step: Callable[[str, int], None] | None = None) -> None:
@@ -140,14 +181,21 @@ class HybridPipeline:
         return image
 
 
-def load_pipeline(model_sources: dict[str, str], vae_source: str, dtype: torch.dtype = torch.float32) -> HybridPipeline:
-    """Load the named U-Nets, the VAE and the one text encoder they share (text.encoder_source)."""
+def load_pipeline(model_sources: dict[str, str], vae_source: str, dtype: torch.dtype = torch.float32,
+                  variant: str | None = None, text_encoder: str | None = None) -> HybridPipeline:
+    """Load the named U-Nets, the VAE and the one text encoder they share (text.encoder_source).
+
+    `variant` picks a weights variant ("fp16") in every folder; without it a folder that
+    ships only fp16-variant weights loads those.
+    """
     from ..core.registry import load_unet, load_vae, noise_schedule
     from ..text import encoder_source, prompt_encoder_for
 
-    shared = encoder_source(model_sources)  # refuses two different encoders before anything loads
-    unets = {name: load_unet(src, dtype) for name, src in model_sources.items()}
+    shared = encoder_source(model_sources, text_encoder)  # refuses two different encoders before anything loads
+    unets = {name: load_unet(src, dtype, variant) for name, src in model_sources.items()}
     first = next(iter(model_sources.values()))
     encoder = prompt_encoder_for(shared)
-    return HybridPipeline(unets, load_vae(vae_source, dtype), encoder, noise_schedule(first),
-                          encoder.model.config.hidden_size, sources=dict(model_sources))
+    return HybridPipeline(unets, load_vae(vae_source, dtype, variant if vae_source not in ("vae", "tiny-decoder")
+                                          else None), encoder, noise_schedule(first),
+                          encoder.model.config.hidden_size, sources=dict(model_sources),
+                          scheduler_source=None if noise_schedule(first) is None else first)

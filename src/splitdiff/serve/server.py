@@ -39,8 +39,9 @@ class Limits:
 
 
 def build_app(model: str, *, name: str | None = None, vae: str | None = None, token: str | None = None,
-              limits: Limits | None = None, admission: AdmissionConfig | None = None) -> FastAPI:
-    """Load the model and wire worker, engine and app; the engine starts with the app.
+              limits: Limits | None = None, admission: AdmissionConfig | None = None, device: str | None = None,
+              dtype: str | None = None) -> FastAPI:
+    """Load the model (onto `device`, in `dtype`) and wire worker, engine and app; the engine starts with the app.
 
     With `admission` (a policy other than "off"), requests that carry a user block are
     admitted by it; its profile is seeded by a short warm-up of the model here.
@@ -54,7 +55,8 @@ def build_app(model: str, *, name: str | None = None, vae: str | None = None, to
         admission = None
     if admission is not None:
         admission.check(limits.max_batch)
-    worker = Worker.load(model, name, vae, max_steps=limits.max_steps, max_size=limits.max_size)
+    worker = Worker.load(model, name, vae, device=device, dtype=dtype, max_steps=limits.max_steps,
+                         max_size=limits.max_size)
     engine = Engine(worker, limits.max_batch, limits.max_waiting, max_bytes=limits.max_queue_bytes)
     if admission is not None and admission.warm_up:
         from .profile import warm_up

@@ -45,9 +45,15 @@ class Worker:
         self.prompt_length = getattr(pipe.encoder, "max_length", None) or 77
 
     @classmethod
-    def load(cls, model: str, name: str | None = None, vae: str | None = None, **limits) -> "Worker":
+    def load(cls, model: str, name: str | None = None, vae: str | None = None, device: str | None = None,
+             dtype: str | None = None, **limits) -> "Worker":
+        """The served model on `device` (default: the CPU) in `dtype` (default: fp32)."""
+        from ..core.devices import parse_dtype, resolve_device
+
         name = name or (model if model in UNET_NAMES else "cloud")
-        return cls(name, load_pipeline({name: model}, vae or default_vae(model)), **limits)
+        torch_dtype = parse_dtype(dtype)
+        pipe = load_pipeline({name: model}, vae or default_vae(model), torch_dtype)
+        return cls(name, pipe.to(resolve_device(device) if device is not None else None), **limits)
 
     def check(self, req: TrajectoryRequest) -> Order:
         """Refuse, in one line, what this server's model and limits cannot serve; else the request's order."""

@@ -22,7 +22,7 @@ ABOUT = {
               "cached VAE latents of world renders, 3 steps in 4 at 64 px, 1 in 4 at 128 px; epsilon prediction, "
               "SD scaled_linear schedule, offset noise 0.15 (from step 5,994 on), Min-SNR-5 weighting, 10% prompt dropout, "
               "EMA 0.999",
-              "splitdiff train unet --size cloud"),
+              "splitdiff train unet --role cloud"),
     "edge": ("UNet2DConditionModel pruned from the cloud U-Net (first two stages, one layer each, no attention "
              "at the highest resolution, no mid block)",
              "the cloud U-Net's training data (offset noise 0.15 from step 2,100 on); loss = denoising + "

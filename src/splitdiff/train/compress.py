@@ -22,7 +22,8 @@ from .card import write_card
 from .export import export_diffusers, training_record
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 from .prune import inherit, significance
-from .unet import DenoisingData, autocast, load_caches, resolve_device
+from ..core.devices import resolve_device
+from .unet import DenoisingData, autocast, load_caches
 
 KD_WEIGHTS = {"denoise": 1.0, "output": 1.0, "feature": 1.0}
 

@@ -411,7 +411,7 @@ class _Family:
         from .unet import train_unet
 
         r = self.scale.cloud
-        train_unet(self.run_dir("cloud"), self.weights("cloud"), size="cloud", steps=r.steps, batch_size=r.batch_size,
+        train_unet(self.run_dir("cloud"), self.weights("cloud"), role="cloud", steps=r.steps, batch_size=r.batch_size,
                    max_minutes=minutes, config=self.models["cloud"].config, checkpoint_every=r.checkpoint_every,
                    record=record, **self._data(), **_lr(r))
 
@@ -461,7 +461,8 @@ class _Family:
         return _finished(state, steps >= r.steps), f"{steps:,}/{r.steps:,}"
 
     def _run_cache(self, state):
-        from .unet import load_caches, resolve_device
+        from ..core.devices import resolve_device
+        from .unet import load_caches
 
         source = self.cache_source()
         (self.cache_dir / "source.json").unlink(missing_ok=True)
@@ -475,7 +476,7 @@ class _Family:
 
     def _run_bench(self, state):
         from ..bench.hybrid import bench_hybrid
-        from .unet import resolve_device
+        from ..core.devices import resolve_device
 
         b = self.scale.bench
         source = self.bench_source()

@@ -18,7 +18,8 @@ from ..core.registry import load_vae
 from .card import write_card
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 from .export import export_diffusers
-from .unet import autocast, resolve_device
+from ..core.devices import resolve_device
+from .unet import autocast
 from .vae import render_batch
 
 # No block at the output resolution and one at the middle one (num_decoder_blocks

@@ -1,4 +1,4 @@
-"""`splitdiff train unet --size cloud`: the family's cloud U-Net on cached latents.
+"""`splitdiff train unet --role cloud`: the family's cloud U-Net on cached latents.
 
 A diffusers UNet2DConditionModel cross-attending to MiniLM token states, trained with
 Stable Diffusion's noise schedule and epsilon prediction (the facts measured before
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from ..core.devices import resolve_device
 from ..core.registry import load_vae
 from ..core.schedulers import SD_NOISE_SCHEDULE
 from ..text import CONTEXT_DIM, default_encoder
@@ -54,13 +55,6 @@ def unet_from_config(block_out_channels, layers_per_block) -> UNet2DConditionMod
 
 def noise_schedule() -> DDPMScheduler:
     return DDPMScheduler.from_config(SD_NOISE_SCHEDULE)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' is the GPU when there is one, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def autocast(device: torch.device):
@@ -123,15 +117,15 @@ def load_caches(cache_dir: Path, vae_source: str, n64: int, n128: int,
     return caches
 
 
-def train_unet(run_dir: Path, out: Path, size: str = "cloud", steps: int = 8000, batch_size: int = 32,
+def train_unet(run_dir: Path, out: Path, role: str = "cloud", steps: int = 8000, batch_size: int = 32,
                lr: float = 4e-4, max_minutes: float | None = None, vae: str = "vae", cache_dir: Path | None = None,
                n64: int = 30000, n128: int = 8000, seed: int = 0, device: str = "auto",
                batch_size_128: int | None = None, quarters_128: int = 1, config: dict | None = None,
                checkpoint_every: int = 200, record: dict | None = None) -> None:
-    """`config` (block_out_channels, layers_per_block) replaces UNET_CONFIGS[size]; `record` goes into every export."""
+    """`config` (block_out_channels, layers_per_block) replaces UNET_CONFIGS[role]; `record` goes into every export."""
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    unet = unet_from_config(**(config or UNET_CONFIGS[size])).to(dev)
+    unet = unet_from_config(**(config or UNET_CONFIGS[role])).to(dev)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     caches = load_caches(cache_dir or run_dir.parent / "latent-cache", vae, n64, n128, dev)
     data = DenoisingData(caches, batch_size, dev, batch_size_128, quarters_128)
@@ -149,5 +143,5 @@ def train_unet(run_dir: Path, out: Path, size: str = "cloud", steps: int = 8000,
     cfg = LoopConfig(run_dir, steps, max_minutes, checkpoint_every=checkpoint_every, ema_decay=0.999, warm_start=out,
                      record=record or {})
     run_training(cfg, unet, opt, step,
-                 lambda state, model: (export_diffusers(model, out, state), write_card(size, out, run_dir)),
-                 desc=f"unet-{size}")
+                 lambda state, model: (export_diffusers(model, out, state), write_card(role, out, run_dir)),
+                 desc=f"unet-{role}")

@@ -18,7 +18,8 @@ from ..world import render, sample_scene, to_array
 from .card import write_card
 from .export import export_diffusers
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
-from .unet import autocast, resolve_device
+from ..core.devices import resolve_device
+from .unet import autocast
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4,
