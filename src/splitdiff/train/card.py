@@ -1,8 +1,10 @@
 """Model cards: a README.md beside each shipped model, written from what training recorded.
 
 Everything on a card is read back from the run (its checkpoint's step and wall time,
-its log's last losses) and the exported model (config, parameters), so it can be
-rewritten at any time and never drifts from the weights.
+its log's last losses), else from the model's own `training.json` (the same facts, and
+its `history`: what changed during training, such as a loss introduced part-way), and
+from the exported model (config, parameters), so it can be rewritten at any time, also
+where the run folder is gone, and never drifts from the weights.
 """
 
 from __future__ import annotations
@@ -20,13 +22,12 @@ ABOUT = {
                      "renders (L1 + L2)", "splitdiff train tiny-decoder"),
     "cloud": ("UNet2DConditionModel, cross-attention on MiniLM token states (48 x 384)",
               "cached VAE latents of world renders, 3 steps in 4 at 64 px, 1 in 4 at 128 px; epsilon prediction, "
-              "SD scaled_linear schedule, offset noise 0.15 (from step 5,994 on), Min-SNR-5 weighting, 10% prompt dropout, "
-              "EMA 0.999",
+              "SD scaled_linear schedule, offset noise 0.15, Min-SNR-5 weighting, 10% prompt dropout, EMA 0.999",
               "splitdiff train unet --role cloud"),
     "edge": ("UNet2DConditionModel pruned from the cloud U-Net (first two stages, one layer each, no attention "
              "at the highest resolution, no mid block)",
-             "the cloud U-Net's training data (offset noise 0.15 from step 2,100 on); loss = denoising + "
-             "output KD + feature KD (1/1/1)",
+             "the cloud U-Net's training data (offset noise 0.15); loss = denoising + output KD + feature KD "
+             "(1/1/1)",
              "splitdiff compress"),
 }
 
@@ -50,18 +51,33 @@ def _run_facts(run_dir: Path) -> dict:
     return facts
 
 
+def _record_facts(model_dir: Path) -> tuple[dict, list[str], dict]:
+    """The facts, the history and the validation figures in the model's training.json (written with its weights)."""
+    from .export import training_record
+
+    record = training_record(model_dir) or {}
+    facts = {"steps": record.get("steps"), "wall_hours": round(record["wall_seconds"] / 3600, 2)
+             if "wall_seconds" in record else None, "last_logged_loss": record.get("last_logged_loss")}
+    return ({k: v for k, v in facts.items() if v is not None}, list(record.get("history", [])),
+            dict(record.get("validation", {})))
+
+
 def write_card(name: str, model_dir: Path, run_dir: Path, validation: dict | None = None,
                facts: dict | None = None) -> None:
     arch, data, command = ABOUT[name]
     config = json.loads((model_dir / "config.json").read_text())
     params = sum(t.numel() for t in load_tensors(next(model_dir.glob("*.safetensors")))[0].values())
-    facts = {**(facts or {}), **_run_facts(run_dir)}
+    recorded, history, validated = _record_facts(model_dir)
+    facts = {**(facts or {}), **recorded, **_run_facts(run_dir)}
+    validation = {**validated, **(validation or {})}
     lines = [
         f"# {name}", "", f"- architecture: {arch} (`{config.get('_class_name')}`)",
-        f"- parameters: {params:,}", f"- weights: fp16 safetensors, diffusers format",
+        f"- parameters: {params:,}", "- weights: fp16 safetensors, diffusers format",
         f"- data: {data}", f"- trained with: `{command}` (resumable; run folder `{run_dir}`)",
     ]
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in facts.items()]
+    if history:
+        lines += ["", "## History", ""] + [f"- {event}" for event in history]
     if validation:
         lines += ["", "## Validation", ""] + [f"- {k}: {v}" for k, v in validation.items()]
     lines += ["", "## Config", "", "```json", json.dumps(config, indent=1, sort_keys=True), "```", ""]

@@ -128,6 +128,7 @@ def run_training(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.optim
                 mean = float(sum(torch.as_tensor(x, dtype=torch.float32) for x in losses)) / len(losses)
                 bar.set_postfix(loss=f"{mean:.4f}")
                 log.info(json.dumps({"step": state.step, "loss": mean}))
+                state.extra["last_logged_loss"] = round(mean, 5)
                 losses.clear()
             if state.step % cfg.checkpoint_every == 0 and state.step < cfg.total_steps:
                 _save()  # the last step's checkpoint is the one below
