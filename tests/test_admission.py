@@ -241,10 +241,9 @@ class TimedWorker:
     def __init__(self):
         self.rng = np.random.default_rng(0)
 
-    def prefill(self, order):
-        side = order.size // 4
-        return types.SimpleNamespace(step_index=0, latents=torch.zeros(1, 4, side, side),
-                                     prompt_embeds=torch.zeros(3, 8))
+    def prefill_many(self, orders):
+        return [types.SimpleNamespace(step_index=0, latents=torch.zeros(1, 4, o.size // 4, o.size // 4),
+                                      prompt_embeds=torch.zeros(3, 8)) for o in orders]
 
     def step(self, trajs):
         for t in trajs:

@@ -174,6 +174,9 @@ class RecordingWorker:
         return types.SimpleNamespace(step_index=0, prompt=order.prompt, latents=torch.zeros(1, 4, side, side),
                                      prompt_embeds=torch.zeros(3, 8))
 
+    def prefill_many(self, orders):
+        return [self.prefill(o) for o in orders]
+
     def step(self, trajs):
         self.calls.append([(t.prompt, t.step_index) for t in trajs])
         failures = {i: UserError(f"{t.prompt} cannot step") for i, t in enumerate(trajs) if "bad" in t.prompt}
@@ -353,8 +356,8 @@ class FaultyWorker:
     def check(self, req):
         return self.worker.check(req)
 
-    def prefill(self, req):
-        return self.worker.prefill(req)
+    def prefill_many(self, orders):
+        return self.worker.prefill_many(orders)
 
     def step(self, trajs):
         if self.mode == "fail":

@@ -146,14 +146,13 @@ class Engine(BackgroundLoop):
     def step(self, admitted: list[Job], batch: list[Job]) -> list[Job]:
         """Prefill `admitted`, run one step for `batch`; return the jobs that leave it (finished or failed)."""
         failed = []
-        for job in admitted:
-            try:
-                job.traj = self.worker.prefill(job.order)
-            except Exception as e:
+        for job, made in zip(admitted, self.worker.prefill_many([job.order for job in admitted])):
+            job.order.release()
+            if isinstance(made, Exception):
                 failed.append(job)
-                _settle(job.future, error=_answer(e, job, "start this trajectory"))
-            finally:
-                job.order.release()
+                _settle(job.future, error=_answer(made, job, "start this trajectory"))
+            else:
+                job.traj = made
         live = [j for j in batch if j not in failed and j.traj is not None and not j.future.done()]
         groups = defaultdict(list)
         for job in live:

@@ -84,6 +84,37 @@ class Worker:
             negative_mask=order.negative_mask, negative_prompt=order.negative_prompt,
             latent_shape=order.latent_shape, noise_schedule=self.pipe.noise_schedule, **common)
 
+    def prefill_many(self, orders: list[Order]) -> list[Trajectory | Exception]:
+        """Each order's trajectory at step 0, or why it could not start; batched like the steps.
+
+        Orders with prompts that agree on everything but prompt and seed start together
+        (one text-encoder pass for the prompts not yet cached); a group that fails starts
+        again one order at a time, so that only the order at fault gets the error.
+        """
+        made: dict[int, Trajectory | Exception] = {}
+        groups: dict[tuple, list[int]] = {}
+        for i, o in enumerate(orders):
+            if o.prompt is None:
+                made[i] = self._try(self.prefill, o)
+            else:
+                groups.setdefault((o.negative_prompt, o.steps, o.scheduler, o.guidance, o.size), []).append(i)
+        for (negative, steps, scheduler, guidance, size), members in groups.items():
+            try:
+                trajs = self.pipe.start_many([orders[i].prompt for i in members], [orders[i].seed for i in members],
+                                             negative_prompt=negative, steps=steps, scheduler=scheduler,
+                                             guidance_scale=guidance, size=size)
+                made.update(zip(members, trajs))
+            except Exception:  # noqa: BLE001 - retried one by one, where each order gets its own answer
+                made.update({i: self._try(self.prefill, orders[i]) for i in members})
+        return [made[i] for i in range(len(orders))]
+
+    @staticmethod
+    def _try(fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - the caller answers it to its request
+            return e
+
     def step(self, trajs: list[Trajectory]) -> tuple[float, dict[int, Exception]]:
         """One batched U-Net call for `trajs` (equal `batch_key`s), each at its own step index.
 
