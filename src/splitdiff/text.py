@@ -8,8 +8,6 @@ so that every prompt's context has one shape. Encodings are cached by prompt tex
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,9 +40,7 @@ class TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
         self.max_length = max_length
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # prompt -> (states, mask)
-        self._lock = threading.Lock()
+        self._cached = lru_cache(maxsize=cache_size)(self._encode_one)
 
     @torch.no_grad()
     def encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,22 +55,12 @@ class TextEncoder:
         out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
         return out.float().cpu(), tok["attention_mask"].long().cpu()
 
+    def _encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        h, m = self.encode_batch([prompt])
+        return h[0], m[0]
+
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encodings of `prompts`, from the cache or, for all those it lacks, one batched forward pass."""
-        with self._lock:
-            found = {p: self._cache[p] for p in dict.fromkeys(prompts) if p in self._cache}
-            for p in found:
-                self._cache.move_to_end(p)
-        missing = [p for p in dict.fromkeys(prompts) if p not in found]
-        if missing:
-            h, m = self.encode_batch(missing)
-            made = {p: (h[i], m[i]) for i, p in enumerate(missing)}
-            found.update(made)
-            with self._lock:
-                self._cache.update(made)
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        pairs = [found[p] for p in prompts]
+        pairs = [self._cached(p) for p in prompts]
         return torch.stack([h for h, _ in pairs]), torch.stack([m for _, m in pairs])
 
 

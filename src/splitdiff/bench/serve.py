@@ -230,30 +230,34 @@ def end_to_end(url: str, edge_model: str, vae: str | None, *, steps: int, cloud_
             "handoff_share": sum(handoffs) / sum(totals), "handoff_bytes": statistics.fmean(sizes)}
 
 
-def unet_ceiling(model: str, vae: str | None, batches: list[int], *, steps: int, cloud_steps: int, size: int,
-                 repeats: int = 5) -> dict[int, float]:
-    """images/s the cloud's U-Net alone allows at each batch size: batch / (cloud steps x one batched call).
+class UnetCeiling:
+    """images/s the cloud's U-Net alone allows at a batch size: batch / (cloud steps x one batched call).
 
     The call is the server's (guided_noise: classifier-free guidance rows included, one call
-    per step); the best of `repeats` timings, in this process, before any server runs.
+    per step), timed in this process, best of `repeats`, just before the point it bounds, so
+    that both see the same machine (a shared CPU drifts by tens of percent in minutes).
     """
-    from ..core.runner import guided_noise
-    from ..hybrid.pipeline import load_pipeline
-    from ..serve.worker import default_vae
-    from ..world import prompt_set
 
-    pipe = load_pipeline({"cloud": model}, vae or default_vae(model))
-    unet, out = pipe.unets["cloud"], {}
-    for b in sorted(set(batches)):
-        trajs = pipe.start_many(prompt_set(b), list(range(b)), steps=steps, size=size)
+    def __init__(self, model: str, vae: str | None, *, steps: int, cloud_steps: int, size: int, repeats: int = 5):
+        from ..hybrid.pipeline import load_pipeline
+        from ..serve.worker import default_vae
+
+        self.pipe = load_pipeline({"cloud": model}, vae or default_vae(model))
+        self.steps, self.cloud_steps, self.size, self.repeats = steps, cloud_steps, size, repeats
+
+    def __call__(self, batch: int) -> float:
+        from ..core.runner import guided_noise
+        from ..world import prompt_set
+
+        unet = self.pipe.unets["cloud"]
+        trajs = self.pipe.start_many(prompt_set(batch), list(range(batch)), steps=self.steps, size=self.size)
         guided_noise(unet, trajs)  # warm-up
         times = []
-        for _ in range(repeats):
+        for _ in range(self.repeats):
             start = time.perf_counter()
             guided_noise(unet, trajs)
             times.append(time.perf_counter() - start)
-        out[b] = b / (cloud_steps * min(times))
-    return out
+        return batch / (self.cloud_steps * min(times))
 
 
 def _edge_vae() -> str:
@@ -321,16 +325,14 @@ def bench_serve(out: Path, *, model: str = "cloud", vae: str | None = None, edge
     out.mkdir(parents=True, exist_ok=True)
     make = Requests(steps, cloud_steps, size)
     points, load, e2e = [], [], None
-    ceiling = unet_ceiling(model, vae, [min(n, max_batch) for n in levels], steps=steps, cloud_steps=cloud_steps,
-                           size=size)
-    print("U-Net ceiling, images/s: " + ", ".join(f"batch {b} {r:.3g}" for b, r in ceiling.items()), flush=True)
+    ceiling = UnetCeiling(model, vae, steps=steps, cloud_steps=cloud_steps, size=size)
     for batch in (max_batch, 1):
         with ServerProcess(model, vae, batch, out / "server.log") as server:
             httpx.post(f"{server.url}/v1/trajectories", json=make(), timeout=300)  # warm-up
             for n in levels:
+                bound = ceiling(min(n, max_batch)) if batch == max_batch else float("nan")
                 row = {"max_batch": batch, **concurrency_point(server, n, seconds, make)}
-                row["ceiling_images_per_s"] = ceiling[min(n, max_batch)] if batch == max_batch else float("nan")
-                row["efficiency"] = row["images_per_s"] / row["ceiling_images_per_s"]
+                row["ceiling_images_per_s"], row["efficiency"] = bound, row["images_per_s"] / bound
                 points.append(row)
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                       flush=True)
@@ -351,10 +353,9 @@ def bench_serve(out: Path, *, model: str = "cloud", vae: str | None = None, edge
     _plots(out, points, load)
     speedup = {n: _rate(points, max_batch, n) / _rate(points, 1, n) for n in levels}
     print("images/s, batching vs max batch 1: " + ", ".join(f"{n} clients {s:.2f}x" for n, s in speedup.items()))
-    efficiency = {n: _rate(points, max_batch, n) / ceiling[min(n, max_batch)] for n in levels}
+    efficiency = {p["clients"]: p["efficiency"] for p in points if p["max_batch"] == max_batch}
     print("share of the U-Net ceiling: " + ", ".join(f"{n} clients {e:.1%}" for n, e in efficiency.items()))
-    return {"points": points, "load": load, "end_to_end": e2e, "speedup": speedup, "ceiling": ceiling,
-            "efficiency": efficiency}
+    return {"points": points, "load": load, "end_to_end": e2e, "speedup": speedup, "efficiency": efficiency}
 
 
 def _rate(points: list[dict], batch: int, clients: int) -> float:

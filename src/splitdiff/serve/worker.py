@@ -87,9 +87,13 @@ class Worker:
     def prefill_many(self, orders: list[Order]) -> list[Trajectory | Exception]:
         """Each order's trajectory at step 0, or why it could not start; batched like the steps.
 
-        Orders with prompts that agree on everything but prompt and seed start together
-        (one text-encoder pass for the prompts not yet cached); a group that fails starts
-        again one order at a time, so that only the order at fault gets the error.
+        Orders with prompts that agree on everything but prompt and seed start together, in
+        one `start_many` call; a group that fails starts again one order at a time, so that
+        only the order at fault gets the error. The text encoder still encodes one prompt per
+        pass (and caches it): MiniLM's rows from a batched pass differ in their last bits from
+        the prompt's own pass (every row of a batch of 2, here), and a served trajectory must
+        equal the local run bit for bit. Encoding a cached prompt costs nothing; a new one
+        about 20 ms, against 40 to 400 ms for each of the cloud's steps.
         """
         made: dict[int, Trajectory | Exception] = {}
         groups: dict[tuple, list[int]] = {}

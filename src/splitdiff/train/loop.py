@@ -47,13 +47,28 @@ def make_ema(model: torch.nn.Module) -> torch.nn.Module:
     return ema
 
 
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
-    """EMA with warm-up (decay grows as (1 + step) / (10 + step)): the random init fades fast."""
-    decay = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+class Ema:
+    """diffusers' EMAModel, averaging straight into a frozen copy of the model (checkpointed and exported).
+
+    EMAModel's decay with warm-up: min(decay, (1 + step) / (10 + step)), 0 at the first step.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.module, self.decay = make_ema(model), decay
+        self.resume(0)
+
+    def resume(self, step: int) -> None:
+        """Average on from `step` into the module's present weights (just loaded from a checkpoint)."""
+        from diffusers.training_utils import EMAModel
+
+        self.tracker = EMAModel(self.module.parameters(), decay=self.decay, foreach=True)
+        self.tracker.shadow_params = list(self.module.parameters())  # in place: no second copy to keep in sync
+        self.tracker.optimization_step = step
+
+    def update(self, model: torch.nn.Module) -> None:
+        self.tracker.step(model.parameters())
+        for e, b in zip(self.module.buffers(), model.buffers()):
+            e.copy_(b)
 
 
 def _logger(run_dir: Path) -> logging.Logger:
@@ -77,7 +92,8 @@ def run_training(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.optim
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = cfg.run_dir / "checkpoint.safetensors"
     log = _logger(cfg.run_dir)
-    ema = make_ema(model) if cfg.ema_decay else None
+    averaged = Ema(model, cfg.ema_decay) if cfg.ema_decay else None
+    ema = averaged.module if averaged else None
     state = TrainState()
     if ckpt.exists():
         state.step, state.extra = load_checkpoint(ckpt, model, optimizer, ema)
@@ -91,6 +107,8 @@ def run_training(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.optim
             state.extra = record
             log.info("no checkpoint: warm start from %s at step %d (fresh optimizer state)", cfg.warm_start,
                      state.step)
+    if averaged:
+        averaged.resume(state.step)
     state.extra.update(cfg.record)
     stop = {"why": None}
 
@@ -120,8 +138,8 @@ def run_training(cfg: LoopConfig, model: torch.nn.Module, optimizer: torch.optim
                 break
             model.train()
             losses.append(step_fn(state.step))  # a tensor stays on its device: no wait for the GPU each step
-            if ema is not None:
-                update_ema(ema, model, cfg.ema_decay, state.step)
+            if averaged:
+                averaged.update(model)
             state.step += 1
             bar.update(1)
             if state.step % cfg.log_every == 0:

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderTiny
 
+from ..core.devices import resolve_device
 from ..core.registry import load_vae
 from .card import write_card
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
 from .export import export_diffusers
-from ..core.devices import resolve_device
 from .unet import autocast
 from .vae import render_batch
 

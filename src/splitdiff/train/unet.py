@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
 
 from ..core.devices import resolve_device
 from ..core.registry import load_vae
@@ -79,7 +80,6 @@ class DenoisingData:
         self.batch_size_128 = batch_size_128 or max(1, batch_size // 4)
         self.quarters_128 = quarters_128
         self.sched = noise_schedule()
-        self.alphas_cumprod = self.sched.alphas_cumprod.to(self.device)
         empty, empty_mask = default_encoder()([""])
         self.empty, self.empty_mask = empty[0].to(self.device), empty_mask[0].to(self.device)
 
@@ -99,8 +99,8 @@ class DenoisingData:
         return self.sched.add_noise(x0, noise, t), t, noise, ctx, mask
 
     def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
-        ac = self.alphas_cumprod[t]
-        snr = ac / (1 - ac)
+        """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023), on diffusers' compute_snr."""
+        snr = compute_snr(self.sched, t)
         return snr.clamp(max=MIN_SNR_GAMMA) / snr
 
 

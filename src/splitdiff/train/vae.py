@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from ..core.devices import resolve_device
 from ..world import render, sample_scene, to_array
 from .card import write_card
 from .export import export_diffusers
 from .loop import LoopConfig, optimize, run_training, set_cosine_lr
-from ..core.devices import resolve_device
 from .unet import autocast
 
 VAE_CONFIG = dict(
