@@ -42,3 +42,15 @@ def test_write_csv_keeps_every_column_and_leaves_no_temporary_file(tmp_path):
     assert list(rows[0]) == ["plan", "s", "psnr_db"]
     assert rows[0]["s"] == "0.333333" and rows[1]["psnr_db"] == "30" and rows[1]["s"] == ""
     assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]
+
+
+def test_bench_precision_compares_dtypes_with_fp32(tmp_path, tiny_models_dir):
+    from splitdiff.bench.precision import bench_precision
+
+    d = tiny_models_dir
+    rows = bench_precision(tmp_path, models={"cloud": str(d / "big"), "edge": str(d / "small")}, vae=str(d / "vae"),
+                           plan="cloud:2,edge:2", steps=4, prompts=2, size=32)
+    assert [r["dtype"] for r in rows] == ["fp32", "bf16", "fp16"]
+    assert rows[0]["latent_rel_error_max"] == 0 and rows[0]["psnr_min_db"] == float("inf")
+    assert all(0 < r["latent_rel_error_mean"] < 0.05 for r in rows[1:])
+    assert (tmp_path / "precision.csv").exists()

@@ -54,7 +54,7 @@ def _progress(plan_total: int):
 
 def _pipeline_for(plan, model: list[str] | None, vae: Optional[str], decoder: str, device: str = "cpu",
                   dtype: str = "fp32", variant: Optional[str] = None, text_encoder: Optional[str] = None):
-    """The models the plan names, loaded through the library's SplitPipeline; its HybridPipeline."""
+    """The models the plan names, loaded as the library's SplitPipeline."""
     from .core.registry import parse_model_specs, resolve
     from .pipeline import SplitPipeline
     from .users.plans import AdapterSet
@@ -65,10 +65,8 @@ def _pipeline_for(plan, model: list[str] | None, vae: Optional[str], decoder: st
     for s in plan:  # users' adapters: refused before any model is loaded when missing
         if s.adapter:
             adapters.resolve(s.adapter)
-    pipe = SplitPipeline.from_pretrained(sources, vae=vae, decoder=decoder, torch_dtype=dtype, device=device,
-                                         variant=variant, text_encoder=text_encoder).hybrid
-    pipe.adapters = adapters
-    return pipe
+    return SplitPipeline.from_pretrained(sources, vae=vae, decoder=decoder, torch_dtype=dtype, device=device,
+                                         variant=variant, text_encoder=text_encoder)
 
 
 def _image_text(traj) -> dict[str, str]:
@@ -86,7 +84,7 @@ def _finish(pipe, traj, out: Path, extra: dict | None = None, strict: bool = Fal
 
     image = pipe.decode(traj)
     atomic_save_image(image, out, text=_image_text(traj))
-    rows = {"decode": f"{pipe.timings['decode']:.3f}"}
+    rows = {"decode": f"{pipe.hybrid.timings['decode']:.3f}"}
     rows.update(extra or {})
     print_cost_table(traj, rows)
     if traj.degraded:
@@ -173,24 +171,24 @@ def generate(
         if scheduler == "folder":
             raise UserError("--scheduler folder and --cloud-url do not go together: name the scheduler")
         size = height or width or size
-        return _generate_with_cloud(parsed, prompt, cloud_url, token, timeout, half, model, vae, decoder, out,
-                                    strict, negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
+        from .serve.edge import split_plan
+
+        pipe = _pipeline_for(split_plan(parsed)[1], model, vae, decoder, device, dtype, variant, text_encoder)
+        return _generate_with_cloud(pipe, parsed, prompt, cloud_url, token, timeout, half, out, strict,
+                                    negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
                                     guidance=guidance, size=size,
                                     user=None if user is None else (user, alpha, device_step_seconds))
     pipe = _pipeline_for(parsed, model, vae, decoder, device, dtype, variant, text_encoder)
     traj = pipe.start(prompt, negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
-                      guidance_scale=guidance, **sides)
+                      guidance_scale=guidance, **sides)[0]
     if patch:
         from tqdm import tqdm
 
-        patch.install(pipe, traj, warn=lambda m: tqdm.write(f"warning: {m}", file=sys.stderr))
+        patch.install(pipe.hybrid, traj, warn=lambda m: tqdm.write(f"warning: {m}", file=sys.stderr))
     todo = parsed[:1] if save_state else parsed
     bar, on_step = _progress(sum(s.steps for s in todo))
     with bar:
-        if save_state:
-            pipe.run_segment(traj, todo[0], on_step)
-        else:
-            pipe.run(traj, parsed, on_step)
+        pipe.run(traj, todo, on_step, pause=bool(save_state))
     if save_state:
         from .hybrid.report import print_cost_table
 
@@ -215,28 +213,26 @@ def _tiny_decoder_installed() -> bool:
     return (WEIGHTS_DIR / "tiny-decoder" / "config.json").exists()
 
 
-def _generate_with_cloud(plan, prompt, url, token, timeout, half, model, vae, decoder, out, strict,
-                         user=None, **params) -> None:
-    """The plan's first segment on the cloud, the rest here; the cloud's steps run here if it cannot be had.
+def _generate_with_cloud(pipe, plan, prompt, url, token, timeout, half, out, strict, user=None, **params) -> None:
+    """The plan's first segment on the cloud, the rest here with `pipe` (the edge's models); the cloud's
+    steps run here if it cannot be had.
 
     `user` (name, alpha, device seconds per step or None) asks a cloud with admission to decide the split.
     """
     from .serve.client import CloudClient
-    from .serve.edge import handoff_rows, measure_step_seconds, run_with_cloud, split_plan
+    from .serve.edge import handoff_rows, measure_step_seconds, run_with_cloud
 
-    _, edge_plan = split_plan(plan)
     client = CloudClient(url, token, timeout)
-    pipe = _pipeline_for(edge_plan, model, vae, decoder)
     block = None
     if user is not None:
         name, alpha, tau = user
         if tau is None:
-            tau = measure_step_seconds(pipe, edge_plan[-1].model, size=params["size"], steps=params["steps"],
+            tau = measure_step_seconds(pipe.hybrid, plan[-1].model, size=params["size"], steps=params["steps"],
                                        scheduler=params["scheduler"], guidance=params["guidance"])
         block = {"id": name, "device_step_seconds": tau, "alpha": alpha}
     bar, on_step = _progress(params["steps"])
     with client, bar:
-        traj, handoff = run_with_cloud(pipe, plan, client, prompt, half=half, on_step=on_step, user=block,
+        traj, handoff = run_with_cloud(pipe.hybrid, plan, client, prompt, half=half, on_step=on_step, user=block,
                                        warn=lambda m: bar.write(f"warning: {m}", file=sys.stderr), **params)
     _finish(pipe, traj, out, handoff_rows(handoff), strict)
 
@@ -321,7 +317,7 @@ def resume(
     traj = Trajectory.from_bytes(data)
     check_plan(parsed, traj.num_steps, traj.step_index)
     pipe = _pipeline_for(parsed, model, vae, decoder, device, dtype, variant, text_encoder)
-    pipe.check(traj, parsed)  # refused before any progress is drawn
+    parsed = pipe.check(traj, parsed)  # refused before any progress is drawn
     bar, on_step = _progress(traj.remaining)
     with bar:
         pipe.run(traj, parsed, on_step)
@@ -481,6 +477,21 @@ def bench_hybrid_cmd(
 
     _check_device(device)
     bench_hybrid(out, n_prompts=prompts, size=size, guidance=guidance, device=device)
+
+
+@bench_app.command("precision")
+def bench_precision_cmd(
+    out: Path = typer.Option(Path("docs/bench/precision")), prompts: int = typer.Option(24, min=1),
+    plan: str = typer.Option("cloud:10,edge:15"), steps: int = typer.Option(25, min=1, max=MAX_STEPS),
+    device: str = RUN_DEVICE,
+):
+    """fp32, bf16 and fp16 models side by side: time, latent error and PSNR against fp32."""
+    from .bench.precision import bench_precision
+    from .core.plan import check_plan, parse_plan
+
+    check_plan(parse_plan(plan), steps)
+    _check_placement(device, "fp32")
+    bench_precision(out, plan=plan, steps=steps, prompts=prompts, device=device)
 
 
 @bench_app.command("serve")

@@ -132,6 +132,12 @@ class SplitPipeline:
                                       scheduler=scheduler, guidance_scale=guidance_scale, size=size, height=height,
                                       width=width)
 
+    def check(self, traj: Trajectory, plan: str | Plan | None = None, pause: bool = False) -> Plan:
+        """The plan, parsed, once it is sure to fit `traj` and these models (else a one-line error, before any step)."""
+        parsed = self.plan(plan, traj.num_steps, traj.step_index, pause)
+        self.hybrid.check(traj, parsed)
+        return parsed
+
     def run(self, traj: Trajectory, plan: str | Plan | None = None, on_step: OnStep | None = None,
             pause: bool = False) -> Trajectory:
         """Run the plan's segments on `traj` from where it stands (None: the rest on the first model).
@@ -139,8 +145,7 @@ class SplitPipeline:
         With `pause` the plan may end early: `pipe.run(traj, "cloud:10", pause=True)`, then
         `traj.to_bytes()` to send it, and any pipeline with a fitting model finishes it.
         """
-        parsed = self.plan(plan, traj.num_steps, traj.step_index, pause)
-        self.hybrid.check(traj, parsed)
+        parsed = self.check(traj, plan, pause)
         for seg in parsed:
             self.hybrid.run_segment(traj, seg, on_step)
         return traj
