@@ -108,12 +108,12 @@ def test_failing_ranks_are_tried_again_then_the_segment_runs_here_degraded(tmp_p
     """The plan's one failure policy, as for a cloud that does not answer: retry, then here, marked."""
     import os
 
-    from splitdiff.parallel import segment
+    from splitdiff.parallel import pool
 
-    def dies(**_):
+    def dies(*_, **__):
         os._exit(3)
 
-    monkeypatch.setattr(segment, "_advance_rank", dies)
+    monkeypatch.setattr(pool, "advance", dies)
     plain, out = tmp_path / "plain.png", tmp_path / "x.png"
     assert generate("--plan", "cloud:3,edge:3", "--steps", 6, "--out", plain)[0] == 0
     code, _, err = generate("--plan", "cloud:3,edge:3", "--steps", 6, "--out", out, "--parallel", "sync")
@@ -126,3 +126,22 @@ def test_failing_ranks_are_tried_again_then_the_segment_runs_here_degraded(tmp_p
     code, _, err = generate("--plan", "cloud:3,edge:3", "--steps", 6, "--out", tmp_path / "y.png", "--parallel",
                             "sync", "--strict")
     assert code == 3 and (tmp_path / "y.png").exists()
+
+
+def test_one_pool_serves_every_segment_of_its_model(tiny_models_dir):
+    """cloud:2,edge:2,cloud:2 with the cloud on ranks: one pool, started once, runs both cloud segments."""
+    from splitdiff.parallel.plan import PatchPlan
+
+    d = tiny_models_dir
+    pipe = load_pipeline({"cloud": str(d / "big"), "edge": str(d / "small")}, str(d / "vae"))
+    plan = parse_plan("cloud:2,edge:2,cloud:2")
+    traj, plain = pipe.start(PROMPT, steps=6, size=64), pipe.start(PROMPT, steps=6, size=64)
+    with PatchPlan.parse("sync", 2, None, plan).install(pipe, traj) as run:
+        pipe.run(traj, plan)
+        pool = run.pools["cloud"]
+        assert pool.alive and pool.segments == 2
+    assert not pool.alive and not traj.degraded
+    pipe.elsewhere.clear()
+    pipe.run(plain, plan)
+    assert [s.where for s in traj.provenance] == ["sync x2", "local", "sync x2"]
+    assert (traj.latents - plain.latents).abs().max() <= 1e-4

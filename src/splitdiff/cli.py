@@ -5,6 +5,7 @@ User mistakes (UserError) print one line and exit 2; nothing is written on error
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -181,13 +182,14 @@ def generate(
     pipe = _pipeline_for(parsed, model, vae, decoder, device, dtype, variant, text_encoder)
     traj = pipe.start(prompt, negative_prompt=negative, steps=steps, scheduler=scheduler, seed=seed,
                       guidance_scale=guidance, **sides)[0]
+    ranks = contextlib.nullcontext()
     if patch:
         from tqdm import tqdm
 
-        patch.install(pipe.hybrid, traj, warn=lambda m: tqdm.write(f"warning: {m}", file=sys.stderr))
+        ranks = patch.install(pipe.hybrid, traj, warn=lambda m: tqdm.write(f"warning: {m}", file=sys.stderr))
     todo = parsed[:1] if save_state else parsed
     bar, on_step = _progress(sum(s.steps for s in todo))
-    with bar:
+    with ranks, bar:
         pipe.run(traj, todo, on_step, pause=bool(save_state))
     if save_state:
         from .hybrid.report import print_cost_table
