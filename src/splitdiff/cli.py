@@ -371,13 +371,9 @@ def train_tiny_decoder_cmd(
 
 
 def _check_device(device: str) -> None:
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise UserError(f"unknown device {device!r}; choose auto, cpu or cuda[:N]")
-    if device.startswith("cuda"):
-        import torch
+    from .core.devices import resolve_device
 
-        if not torch.cuda.is_available():
-            raise UserError(f"device {device!r} asked for, but torch sees no GPU")
+    resolve_device(device)
 
 
 def _data_options(device: str, batch_size: int, batch_size_128: Optional[int], quarters_128: int,

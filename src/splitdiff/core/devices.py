@@ -14,19 +14,25 @@ from ..errors import UserError
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def check_device(spec: str) -> None:
+    """A UserError unless `spec` reads as auto, cpu or cuda[:N] (whether that GPU is here is not asked)."""
+    kind, _, index = str(spec).partition(":")
+    if spec not in ("auto", "cpu") and (kind != "cuda" or (index and not index.isdigit())):
+        raise UserError(f"unknown device {spec!r}; choose auto, cpu or cuda[:N]")
+
+
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """'auto' (or None) is the GPU when there is one, else the CPU; a GPU that is not there is refused."""
     if isinstance(spec, torch.device):
         spec = str(spec)
     if spec in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(spec)
     if spec == "cpu":
         return torch.device("cpu")
-    kind, _, index = str(spec).partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
-        raise UserError(f"unknown device {spec!r}; choose auto, cpu or cuda[:N]")
     if not torch.cuda.is_available():
         raise UserError(f"device {spec!r} asked for, but torch sees no GPU here")
+    index = spec.partition(":")[2]
     if index and int(index) >= torch.cuda.device_count():
         raise UserError(f"device {spec!r} asked for, but there are {torch.cuda.device_count()} GPUs")
     return torch.device(spec)

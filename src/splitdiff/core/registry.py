@@ -55,7 +55,8 @@ def weights_variant(folder: Path, variant: str | None = None) -> str | None:
 
 
 def _from_pretrained(cls, folder: Path, dtype: torch.dtype, variant: str | None = None):
-    variant = weights_variant(folder, variant)
+    """`variant` applies to folders from elsewhere: the embedded family ships plain fp16 files."""
+    variant = None if folder.parent == WEIGHTS_DIR else weights_variant(folder, variant)
     try:
         return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, variant=variant).eval()
     except (OSError, ValueError, EnvironmentError) as e:

@@ -195,7 +195,7 @@ def load_pipeline(model_sources: dict[str, str], vae_source: str, dtype: torch.d
     unets = {name: load_unet(src, dtype, variant) for name, src in model_sources.items()}
     first = next(iter(model_sources.values()))
     encoder = prompt_encoder_for(shared)
-    return HybridPipeline(unets, load_vae(vae_source, dtype, variant if vae_source not in ("vae", "tiny-decoder")
-                                          else None), encoder, noise_schedule(first),
+    schedule = noise_schedule(first)
+    return HybridPipeline(unets, load_vae(vae_source, dtype, variant), encoder, schedule,
                           encoder.model.config.hidden_size, sources=dict(model_sources),
-                          scheduler_source=None if noise_schedule(first) is None else first)
+                          scheduler_source=None if schedule is None else first)

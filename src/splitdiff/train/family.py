@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..bench.hybrid import CLOUD_STEPS, STEPS
+from ..core.devices import check_device, resolve_device
 from ..errors import UserError
 from ..eval.metrics import WEIGHTS as SHIPPED_EVALUATOR
 from ..io import atomic_write_bytes, unwritable_reason
@@ -148,16 +149,6 @@ class StageResult:
     output: Path | None = None
     config: str = ""
     notes: list[str] = field(default_factory=list)
-
-
-def check_device(device: str, need_gpu: bool = True) -> None:
-    if device not in ("auto", "cpu") and not (device == "cuda" or device.startswith("cuda:")):
-        raise UserError(f"unknown device {device!r}; choose auto, cpu or cuda[:N]")
-    if need_gpu and device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"device {device!r} asked for, but torch sees no GPU")
 
 
 def _file_digest(path: Path) -> str:
@@ -461,7 +452,6 @@ class _Family:
         return _finished(state, steps >= r.steps), f"{steps:,}/{r.steps:,}"
 
     def _run_cache(self, state):
-        from ..core.devices import resolve_device
         from .unet import load_caches
 
         source = self.cache_source()
@@ -476,7 +466,6 @@ class _Family:
 
     def _run_bench(self, state):
         from ..bench.hybrid import bench_hybrid
-        from ..core.devices import resolve_device
 
         b = self.scale.bench
         source = self.bench_source()
@@ -554,7 +543,7 @@ def plan_family(scale: str, out: Path, device: str = "auto",
     a stage after one that will run is redone.
     """
     sc = get_scale(scale, steps)
-    check_device(device, need_gpu=False)
+    check_device(device)
     _check_out(out, sc)
     family = _Family(sc, out, device, print)
     rows, states = [], {}
@@ -602,7 +591,7 @@ def train_family(scale: str, out: Path, device: str = "auto", max_minutes: float
     if until is not None and until not in STAGES:
         raise UserError(f"--until: unknown stage {until!r}; choose one of {', '.join(STAGES)}")
     sc = get_scale(scale, steps)
-    check_device(device)
+    resolve_device(device)
     _check_out(out, sc)
     reason = unwritable_reason(out / FAMILY_FILE)
     if reason:
