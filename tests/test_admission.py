@@ -26,7 +26,8 @@ from splitdiff.hybrid.pipeline import load_pipeline
 from splitdiff.serve.admission import AdmissionConfig
 from splitdiff.serve.app import create_app
 from splitdiff.serve.client import CloudClient
-from splitdiff.serve.edge import fit_plan, run_with_cloud
+from splitdiff.core.plan import fit_plan
+from splitdiff.serve.edge import run_with_cloud
 from splitdiff.serve.engine import Engine
 from splitdiff.serve.order import order_from
 from splitdiff.serve.profile import DEFAULT_K_E, StepProfile, fit

@@ -138,10 +138,10 @@ def test_one_pool_serves_every_segment_of_its_model(tiny_models_dir):
     traj, plain = pipe.start(PROMPT, steps=6, size=64), pipe.start(PROMPT, steps=6, size=64)
     with PatchPlan.parse("sync", 2, None, plan).install(pipe, traj) as run:
         pipe.run(traj, plan)
-        pool = run.pools["cloud"]
+        pool = run.executors["cloud"].pool
         assert pool.alive and pool.segments == 2
     assert not pool.alive and not traj.degraded
-    pipe.elsewhere.clear()
+    assert "cloud" not in pipe.executors
     pipe.run(plain, plan)
     assert [s.where for s in traj.provenance] == ["sync x2", "local", "sync x2"]
     assert (traj.latents - plain.latents).abs().max() <= 1e-4

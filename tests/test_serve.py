@@ -588,3 +588,21 @@ def test_bench_measures_a_concurrency_point(server):
     assert row["errors"] == 0 and row["requests"] >= 4 and row["images_per_s"] > 0
     assert 1 <= row["mean_batch"] <= 4 and 0 < row["handoff_share"] < 1 and row["handoff_bytes"] > 10_000
     assert row["p50_s"] <= row["p99_s"]
+
+
+def test_the_readme_cloud_example_runs_against_a_real_server():
+    """The README's edge-client example, as written, against `serve` on the embedded cloud model."""
+    import re
+    from pathlib import Path
+
+    from splitdiff import SplitPipeline
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "CloudExecutor" in b)
+    with ThreadedServer(build_app("cloud", limits=LIMITS), limits=LIMITS) as s:
+        scope = {"SplitPipeline": SplitPipeline, "prompt": "a large red circle at the top left, on a navy background"}
+        exec(compile(code.replace("http://127.0.0.1:8000", s.url), "README.md", "exec"), scope)
+    traj = scope["out"].trajectories[0]
+    assert not traj.degraded and traj.done
+    assert [(p.model, p.start, p.end, p.where) for p in traj.provenance] == [
+        ("cloud", 0, 10, "cloud"), ("edge", 10, 25, "local")]

@@ -29,6 +29,7 @@ from safetensors.torch import save as st_save
 from splitdiff.core import schedulers
 from splitdiff.core.plan import parse_plan
 from splitdiff.core.runner import NonFiniteError, advance, denoise_step
+from splitdiff.core.segments import Executor
 from splitdiff.core.schedulers import MAX_STEPS, SCHEDULERS, make_scheduler, max_steps
 from splitdiff.testing import tiny_unet, tiny_vae
 from splitdiff.core.trajectory import (
@@ -652,20 +653,21 @@ def test_the_edge_falls_back_when_the_cloud_trajectory_cannot_be_finished(pipe):
     plan = parse_plan(f"cloud:{CLOUD_STEPS},edge:{EDGE_STEPS - CLOUD_STEPS}")
     calls = []
 
-    def edge_steps(traj, steps):  # the first continuation goes non-finite, the fallback's does not
-        calls.append(traj.degraded)
-        if len(calls) == 1:
-            raise NonFiniteError.at(traj)
-        advance(pipe.unets["edge"], [traj], steps, "edge")
+    class EdgeSteps(Executor):  # the first continuation goes non-finite, the fallback's does not
+        def advance(self, traj, seg):
+            calls.append(traj.degraded)
+            if len(calls) == 1:
+                raise NonFiniteError.at(traj)
+            advance(pipe.unets["edge"], [traj], seg.steps, "edge")
 
-    pipe.elsewhere["edge"] = edge_steps
+    pipe.executors["edge"] = EdgeSteps()
     try:
         with FakeCloud() as cloud, CloudClient(cloud.url, tries=1) as client:
             cloud.answer, warnings = good, []
             traj, handoff = run_with_cloud(pipe, plan, client, PROMPT, steps=EDGE_STEPS, size=SIZE,
                                            warn=warnings.append)
     finally:
-        del pipe.elsewhere["edge"]
+        del pipe.executors["edge"]
     assert traj.done and traj.degraded and handoff is None and calls == [False, True]
     assert "could not be finished here" in warnings[0] and "non-finite" in warnings[0]
 

@@ -78,12 +78,13 @@ def _image_text(traj) -> dict[str, str]:
     return {"splitdiff.degraded": "true" if traj.degraded else "false", "splitdiff.provenance": json.dumps(made)}
 
 
-def _finish(pipe, traj, out: Path, extra: dict | None = None, strict: bool = False) -> None:
-    """Write the image; with `strict`, a degraded one (still written, and marked) exits 3."""
+def _finish(pipe, traj, out: Path, extra: dict | None = None, strict: bool = False, image=None) -> None:
+    """Write the image (decoded here unless given); with `strict`, a degraded one (still written, and marked)
+    exits 3."""
     from .hybrid.report import print_cost_table
     from .io import atomic_save_image
 
-    image = pipe.decode(traj)
+    image = pipe.decode(traj) if image is None else image
     atomic_save_image(image, out, text=_image_text(traj))
     rows = {"decode": f"{pipe.hybrid.timings['decode']:.3f}"}
     rows.update(extra or {})
@@ -222,7 +223,7 @@ def _generate_with_cloud(pipe, plan, prompt, url, token, timeout, half, out, str
     `user` (name, alpha, device seconds per step or None) asks a cloud with admission to decide the split.
     """
     from .serve.client import CloudClient
-    from .serve.edge import handoff_rows, measure_step_seconds, run_with_cloud
+    from .serve.edge import CloudExecutor, handoff_rows, measure_step_seconds, split_plan
 
     client = CloudClient(url, token, timeout)
     block = None
@@ -234,9 +235,14 @@ def _generate_with_cloud(pipe, plan, prompt, url, token, timeout, half, out, str
         block = {"id": name, "device_step_seconds": tau, "alpha": alpha}
     bar, on_step = _progress(params["steps"])
     with client, bar:
-        traj, handoff = run_with_cloud(pipe.hybrid, plan, client, prompt, half=half, on_step=on_step, user=block,
-                                       warn=lambda m: bar.write(f"warning: {m}", file=sys.stderr), **params)
-    _finish(pipe, traj, out, handoff_rows(handoff), strict)
+        cloud = CloudExecutor(client, pipe.hybrid, split_plan(plan)[1], half=half, user=block,
+                              warn=lambda m: bar.write(f"warning: {m}", file=sys.stderr))
+        pipe.executors[plan[0].model] = cloud
+        result = pipe(prompt, plan, steps=params["steps"], scheduler=params["scheduler"], seed=params["seed"],
+                      guidance_scale=params["guidance"], negative_prompt=params["negative_prompt"], size=params["size"],
+                      on_step=on_step)
+    traj = result.trajectories[0]
+    _finish(pipe, traj, out, handoff_rows(None if traj.degraded else cloud.handoff), strict, image=result.images[0])
 
 
 @app.command()
@@ -503,13 +509,15 @@ def bench_serve_cmd(
     load_seconds: float = typer.Option(60.0, min=1, callback=finite, help="Duration of the 32-client load run."),
     max_batch: int = typer.Option(32, min=2, help="Batch limit of the batching server."),
     steps: int = typer.Option(25, min=1, max=MAX_STEPS), cloud_steps: int = typer.Option(10, min=1, max=MAX_STEPS),
-    size: int = typer.Option(64, min=16),
+    size: int = typer.Option(64, min=16), device: str = RUN_DEVICE, dtype: str = RUN_DTYPE,
 ):
     """Throughput and latency of `serve` under 1..32 clients, batching on vs off, and a load run."""
     from .bench.serve import bench_serve
 
+    _check_placement(device, dtype)
     bench_serve(out, model=model, vae=vae, edge_model=edge_model, clients=clients, seconds=seconds,
-                load_seconds=load_seconds, max_batch=max_batch, steps=steps, cloud_steps=cloud_steps, size=size)
+                load_seconds=load_seconds, max_batch=max_batch, steps=steps, cloud_steps=cloud_steps, size=size,
+                device=device, dtype=dtype)
 
 
 @bench_app.command("personalize")
@@ -579,7 +587,9 @@ def personalize(
     user: str = typer.Option(..., help="The user's name: a-z, 0-9, '_' and '-'."),
     concept: str = typer.Option(..., help="What the token stands for: [COLOR] [TEXTURE] SHAPE, e.g. 'red heart'."),
     token: str = typer.Option("sks", help="The rare word prompts write the concept with."),
-    steps: int = typer.Option(500, min=1, help="Training steps (8 concept + 8 prior renders each)."),
+    steps: int = typer.Option(500, min=1, help="Training steps."),
+    batch_size: int = typer.Option(16, min=2, help="Renders per step, half of the concept, half of the prior."),
+    rank: int = typer.Option(16, min=1, max=256, help="LoRA rank (alpha is the same)."),
     out: Optional[Path] = typer.Option(None, help="Adapter folder (default: the users folder's USER)."),
     run_dir: Optional[Path] = typer.Option(None, help="Checkpoint folder (default runs/users/USER)."),
     base: str = typer.Option("edge", help="The device U-Net: a registry name or a diffusers folder."),
@@ -588,12 +598,15 @@ def personalize(
     seed: int = typer.Option(0, min=0),
     check: int = typer.Option(32, min=0, help="Prompts to measure concept presence with when done (0: skip)."),
     max_minutes: Optional[float] = MAX_MINUTES,
+    device: str = typer.Option("cpu", help="Where the training step runs: cpu, auto or cuda[:N] (bf16 autocast)."),
 ):
     """A user's LoRA adapter on the device U-Net, from renders of their private concept (resumable)."""
     from .users.personalize import PersonalizeConfig, personalize as run_personalize
 
+    _check_device(device)
+    config = PersonalizeConfig(steps=steps, lr=lr, seed=seed, batch_size=batch_size, rank=rank)
     ref = run_personalize(user, concept, token, out=out, run_dir=run_dir, base=base, vae=vae, max_minutes=max_minutes,
-                          check_prompts=check, config=PersonalizeConfig(steps=steps, lr=lr, seed=seed))
+                          check_prompts=check, config=config, device=device)
     presence = ref.record().get("presence")
     if presence:
         typer.echo(f"concept presence over {presence['prompts']} prompts: adapter {presence['adapter']:.3f}, "

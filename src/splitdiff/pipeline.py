@@ -97,6 +97,12 @@ class SplitPipeline:
     def models(self) -> list[str]:
         return list(self.hybrid.unets)
 
+    @property
+    def executors(self) -> dict:
+        """Model name -> where its segments run instead of here (core.segments.Executor): patch-parallel
+        ranks, a cloud server. Failed segments run here and the result is marked degraded."""
+        return self.hybrid.executors
+
     def plan(self, plan: str | Plan | None, steps: int, step_index: int = 0, pause: bool = False) -> Plan:
         """A plan string or segments, checked against the steps; None runs every step on the first model.
 
@@ -124,10 +130,7 @@ class SplitPipeline:
         `height` and `width` in pixels default to `size` (default 64); `scheduler="folder"`
         runs a pipeline folder's own scheduler with all its settings.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        seeds = list(seed) if isinstance(seed, Sequence) else [seed + i for i in range(len(prompts))]
-        if len(seeds) != len(prompts):
-            raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        prompts, seeds = _prompts_and_seeds(prompt, seed)
         return self.hybrid.start_many(prompts, seeds, negative_prompt=negative_prompt, steps=steps,
                                       scheduler=scheduler, guidance_scale=guidance_scale, size=size, height=height,
                                       width=width)
@@ -160,8 +163,25 @@ class SplitPipeline:
                  width: int | None = None, on_step: OnStep | None = None) -> SplitOutput:
         """Generate one image per prompt with the plan; the trajectories come back with them."""
         parsed = self.plan(plan, steps)
-        trajs = self.start(prompt, seed=seed, negative_prompt=negative_prompt, steps=steps, scheduler=scheduler,
-                           guidance_scale=guidance_scale, size=size, height=height, width=width)
-        for traj in trajs:
-            self.run(traj, parsed, on_step)
+        first = self.executors.get(parsed[0].model)
+        if first is not None and first.can_start:  # e.g. a cloud: it encodes the prompts and runs the first steps
+            from .core.segments import StartRequest
+
+            h, w = self.hybrid.sides(size, height, width)
+            trajs = [self.hybrid.run_request(StartRequest(p, negative_prompt, s, steps, scheduler, guidance_scale, h, w),
+                                             parsed, on_step) for p, s in zip(*_prompts_and_seeds(prompt, seed))]
+        else:
+            trajs = self.start(prompt, seed=seed, negative_prompt=negative_prompt, steps=steps, scheduler=scheduler,
+                               guidance_scale=guidance_scale, size=size, height=height, width=width)
+            for traj in trajs:
+                self.run(traj, parsed, on_step)
         return SplitOutput([self.decode(t) for t in trajs], trajs)
+
+
+def _prompts_and_seeds(prompt: str | Sequence[str], seed: int | Sequence[int]) -> tuple[list[str], list[int]]:
+    """One seed per prompt: given so, or a first seed counted up."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    seeds = list(seed) if isinstance(seed, Sequence) else [seed + i for i in range(len(prompts))]
+    if len(seeds) != len(prompts):
+        raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    return prompts, seeds

@@ -238,11 +238,14 @@ class UnetCeiling:
     that both see the same machine (a shared CPU drifts by tens of percent in minutes).
     """
 
-    def __init__(self, model: str, vae: str | None, *, steps: int, cloud_steps: int, size: int, repeats: int = 5):
+    def __init__(self, model: str, vae: str | None, *, steps: int, cloud_steps: int, size: int, repeats: int = 5,
+                 device: str = "cpu", dtype: str = "fp32"):
+        from ..core.devices import parse_dtype, resolve_device
         from ..hybrid.pipeline import load_pipeline
         from ..serve.worker import default_vae
 
-        self.pipe = load_pipeline({"cloud": model}, vae or default_vae(model))
+        pipe = load_pipeline({"cloud": model}, vae or default_vae(model), parse_dtype(dtype))
+        self.pipe = pipe.to(resolve_device(device))
         self.steps, self.cloud_steps, self.size, self.repeats = steps, cloud_steps, size, repeats
 
     def __call__(self, batch: int) -> float:
@@ -317,17 +320,23 @@ def _parse_clients(text: str) -> list[int]:
 
 def bench_serve(out: Path, *, model: str = "cloud", vae: str | None = None, edge_model: str | None = None,
                 clients: str = "1,4,16,32", seconds: float = 20.0, load_seconds: float = 60.0, max_batch: int = 32,
-                steps: int = 25, cloud_steps: int = 10, size: int = 64) -> dict:
-    """Run every part; write CSVs and PNGs under `out`; return the figures."""
+                steps: int = 25, cloud_steps: int = 10, size: int = 64, device: str = "cpu",
+                dtype: str = "fp32") -> dict:
+    """Run every part; write CSVs and PNGs under `out`; return the figures.
+
+    `device` and `dtype` place the served model and the ceiling's (the clients and the
+    end-to-end runs' edge side stay on the CPU, as a device would be).
+    """
     levels = _parse_clients(clients)
     if not 1 <= cloud_steps <= steps:
         raise UserError(f"--cloud-steps must be 1..{steps}, not {cloud_steps}")
     out.mkdir(parents=True, exist_ok=True)
     make = Requests(steps, cloud_steps, size)
     points, load, e2e = [], [], None
-    ceiling = UnetCeiling(model, vae, steps=steps, cloud_steps=cloud_steps, size=size)
+    ceiling = UnetCeiling(model, vae, steps=steps, cloud_steps=cloud_steps, size=size, device=device, dtype=dtype)
+    placement = ("--device", device, "--dtype", dtype)
     for batch in (max_batch, 1):
-        with ServerProcess(model, vae, batch, out / "server.log") as server:
+        with ServerProcess(model, vae, batch, out / "server.log", extra=placement) as server:
             httpx.post(f"{server.url}/v1/trajectories", json=make(), timeout=300)  # warm-up
             for n in levels:
                 bound = ceiling(min(n, max_batch)) if batch == max_batch else float("nan")

@@ -9,7 +9,7 @@ user's LoRA for those steps (the users axis; the core only carries the name).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import UserError
 
@@ -58,3 +58,22 @@ def check_plan(plan: Plan, total_steps: int, start: int = 0) -> None:
 
 def format_plan(plan: Plan) -> str:
     return ",".join(f"{s.label}:{s.steps}" for s in plan)
+
+
+def fit_plan(plan: Plan, steps: int) -> Plan:
+    """The segments resized to `steps`, the last segments kept whole first.
+
+    A device's last steps are the ones that make the image its own, so a shorter plan is
+    cut from the front and a longer one adds to the first segment. Segments keep their
+    adapters.
+    """
+    total = plan_steps(plan)
+    if steps >= total:
+        return (replace(plan[0], steps=plan[0].steps + steps - total), *plan[1:])
+    out, left = [], steps
+    for seg in reversed(plan):
+        if left <= 0:
+            break
+        out.append(replace(seg, steps=min(seg.steps, left)))
+        left -= seg.steps
+    return tuple(reversed(out))

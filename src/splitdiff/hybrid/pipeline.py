@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
-from ..core.plan import Plan, PlanSegment, check_plan
+from ..core.plan import Plan, PlanSegment, check_plan, fit_plan
 from ..core.runner import advance, decode, to_pil
+from ..core.segments import Declined, Executor, SegmentFailed, StartRequest, advance_segment
 from ..core.trajectory import Trajectory, TrajectoryError, new_trajectory
 from ..errors import UserError
 
@@ -67,8 +68,8 @@ class HybridPipeline:
     context_dim: int | None = None
     timings: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)  # plan name -> registry name or folder (for other processes)
-    # plan name -> fn(traj, steps) that advances traj in place outside this process (e.g. on patch-parallel ranks)
-    elsewhere: dict[str, Callable[[Trajectory, int], None]] = field(default_factory=dict)
+    # plan name -> where that model's segments run instead of here (patch-parallel ranks, a cloud server)
+    executors: dict[str, Executor] = field(default_factory=dict)
     # what `model@name` segments mean: .resolve(name) -> ref with .sha256, and .applied(unet, name), a context
     # in which the U-Net computes with that adapter (the users axis' AdapterSet); None: plans name no adapters
     adapters: Any = None
@@ -144,34 +145,101 @@ class HybridPipeline:
             self.run_segment(traj, seg, on_step)
 
     def check(self, traj: Trajectory, plan: Plan) -> None:
-        """Refuse, before any step, a plan naming a model not loaded or one that cannot run `traj`."""
-        for seg in plan:
-            if seg.model not in self.unets:
+        """Refuse, before any step, a plan naming a model not loaded or one that cannot run `traj`.
+
+        A model with an executor need not be loaded here (a cloud's), but the model its
+        failed steps would run on must be.
+        """
+        for i, seg in enumerate(plan):
+            executor = self.executors.get(seg.model)
+            if executor is not None:
+                if executor.here is not None and executor.here not in self.unets:
+                    raise UserError(f"model {seg.model!r} falls back on {executor.here!r}, which is not loaded")
+                if not executor.can_advance and (i or traj.step_index):
+                    raise UserError(f"model {seg.model!r} only starts trajectories: its segment must come first")
+            elif seg.model not in self.unets:
                 raise UserError(f"plan names model {seg.model!r} but only {', '.join(self.unets)} are loaded")
-            check_trajectory(traj, self.unets[seg.model], seg.model)
+            if seg.model in self.unets:
+                check_trajectory(traj, self.unets[seg.model], seg.model)
             if seg.adapter is not None:
                 if self.adapters is None:
                     raise UserError(f"plan segment {seg.label!r} names an adapter, but this pipeline has none")
-                if seg.model in self.elsewhere:
-                    raise UserError(f"plan segment {seg.label!r}: adapters run on this device, not patch-parallel")
+                if executor is not None:
+                    raise UserError(f"plan segment {seg.label!r}: adapters run on this device, not on "
+                                    f"{seg.model!r}'s executor")
                 self.adapters.resolve(seg.adapter)
 
     def run_segment(self, traj: Trajectory, seg: PlanSegment, on_step: Callable[[str, int], None] | None = None) -> None:
-        """One segment: here with the model's U-Net, or wherever `elsewhere` sends that model's steps."""
+        """One segment: here with the model's U-Net, or on its executor under the failure policy."""
         self.check(traj, (seg,))
+        executor = self.executors.get(seg.model)
+        if executor is None:
+            self._here(traj, seg, on_step)
+            return
+        here = lambda t, s: self._here(t, replace(s, model=executor.here or s.model), on_step)  # noqa: E731
+        if advance_segment(executor, traj, seg, here) and on_step:
+            for k in range(seg.steps):
+                on_step(seg.label, k)
+
+    def _here(self, traj: Trajectory, seg: PlanSegment, on_step: Callable[[str, int], None] | None = None) -> None:
+        """The segment's steps with this process's own U-Net (and the segment's adapter)."""
         unet = self.unets[seg.model]
         progress = (lambda k, label=seg.label: on_step(label, k)) if on_step else None
-        if seg.adapter is not None:
-            with self.adapters.applied(unet, seg.adapter) as ref:
-                advance(unet, [traj], seg.steps, seg.model, on_step=progress, adapter=seg.adapter,
-                        adapter_sha256=ref.sha256)
-            return
-        if seg.model not in self.elsewhere:
+        if seg.adapter is None:
             advance(unet, [traj], seg.steps, seg.model, on_step=progress)
             return
-        self.elsewhere[seg.model](traj, seg.steps)
-        for k in range(seg.steps if on_step else 0):
-            on_step(seg.model, k)
+        with self.adapters.applied(unet, seg.adapter) as ref:
+            advance(unet, [traj], seg.steps, seg.model, on_step=progress, adapter=seg.adapter,
+                    adapter_sha256=ref.sha256)
+
+    def run_request(self, request: StartRequest, plan: Plan,
+                    on_step: Callable[[str, int], None] | None = None) -> Trajectory:
+        """A whole generation from a request; the plan's first segment may be started by its executor.
+
+        An executor that starts trajectories (a cloud) may run another number of steps than
+        asked (an admission's split): the rest of the plan is then fitted to what remains,
+        cut from the front. Declined, every step runs here as the plan's later segments;
+        failed, or answered with a trajectory that cannot be finished here, the first
+        segment's steps run here and the result is degraded.
+        """
+        check_plan(plan, request.steps)
+        first, rest = plan[0], plan[1:]
+        executor = self.executors.get(first.model)
+        options = dict(negative_prompt=request.negative_prompt, seed=request.seed, steps=request.steps,
+                       scheduler=request.scheduler, guidance_scale=request.guidance_scale,
+                       height=request.height, width=request.width)
+        if executor is None or not executor.can_start:
+            traj = self.start(request.prompt, **options)
+            self.run(traj, plan, on_step)
+            return traj
+        if not rest:
+            raise UserError(f"model {first.model!r} starts trajectories: the plan needs a segment after it")
+
+        def degraded() -> Trajectory:
+            traj = self.start(request.prompt, **options)
+            self._here(traj, replace(first, model=executor.here or rest[0].model), on_step)
+            traj.degraded = True
+            self.run(traj, rest, on_step)
+            return traj
+
+        try:
+            traj = executor.start(request, first)
+        except Declined:
+            traj = self.start(request.prompt, **options)
+            self.run(traj, fit_plan(rest, request.steps), on_step)
+            return traj
+        except SegmentFailed as failure:
+            executor.warn(f"{failure}; running {first.label!r}'s {first.steps} steps here")
+            return degraded()
+        for k in range(traj.step_index if on_step else 0):
+            on_step(first.label, k)
+        try:
+            self.run(traj, fit_plan(rest, request.steps - traj.step_index), on_step)
+        except TrajectoryError as e:
+            executor.warn(f"{first.model!r}'s trajectory could not be finished here ({e}); running its "
+                          f"{first.steps} steps here")
+            return degraded()
+        return traj
 
     def decode(self, traj: Trajectory):
         """The trajectory's image (PIL); the decode time goes to `timings['decode']`."""

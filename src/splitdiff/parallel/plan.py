@@ -1,11 +1,12 @@
 """Some models of a step plan run patch-parallel: `generate --parallel MODE --ranks N`.
 
-A `PatchPlan` names the models whose segments go to local ranks; `install` hands them
-to the pipeline's `elsewhere` hook, so the one plan runner still decides what runs
-when. Each model's ranks are a `RankPool`, started at its first segment and kept for
-the next (the ranks load the U-Net once). A segment whose ranks fail is tried once more
-on a fresh pool, then run here on this process's own copy of the model, and the result
-is marked degraded: the same policy as a cloud that does not answer.
+A `PatchPlan` names the models whose segments go to local ranks; `install` gives each
+a `RankExecutor` (the core's segment executor), so the one plan runner still decides
+what runs when. Each model's ranks are a `RankPool`, started at its first segment and
+kept for the next (the ranks load the U-Net once). A segment whose ranks fail is tried
+once more on a fresh pool, then run here on this process's own copy of the model, and
+the result is marked degraded: the pipeline's one failure policy, as for a cloud that
+does not answer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..core.plan import format_plan
+from ..core.segments import Executor, SegmentFailed
 from ..errors import UserError
 from .context import Options
 
@@ -46,55 +48,62 @@ class PatchPlan:
         return cls(mode, 2 if ranks is None else ranks, names)
 
     def install(self, pipe, traj, warn: Callable[[str], None] = print) -> "PatchRun":
-        """Refuse what cannot be cut (before any rank starts), then send these models' segments to ranks.
+        """Refuse what cannot be cut (before any rank starts), then give these models' segments to ranks.
 
         The returned PatchRun owns the rank pools: close it (or use it as a context) when the plan is done.
         """
         from .segment import check_parallel
 
-        run = PatchRun(self, pipe, warn)
         for name in self.models:
             check_parallel(pipe.unets[name], traj.latents.shape, self.mode, self.ranks)
-            pipe.elsewhere[name] = lambda t, steps, name=name: run.advance(name, t, steps)
-        return run
+        executors = {name: RankExecutor(pipe.sources[name], self.ranks, self.mode, warn) for name in self.models}
+        pipe.executors.update(executors)
+        return PatchRun(pipe, executors)
 
 
-class PatchRun:
-    """The rank pools of one PatchPlan on one pipeline, and its failure policy."""
+class RankExecutor(Executor):
+    """One model's segments on a persistent pool of local ranks (started at its first segment).
 
-    def __init__(self, plan: PatchPlan, pipe, warn: Callable[[str], None]):
-        self.plan, self.pipe, self.warn = plan, pipe, warn
-        self.pools: dict = {}
+    A failed pool is closed, and the next try starts a fresh one.
+    """
 
-    def advance(self, name: str, traj, steps: int) -> None:
-        """In place, as the core's runner advances; failed ranks: once more on a fresh pool, then here, degraded."""
-        from ..core.runner import advance
+    tries = TRIES
+
+    def __init__(self, source: str, ranks: int, mode: str, warn: Callable[[str], None] = print):
+        self.source, self.ranks, self.mode, self.warn = source, ranks, mode, warn
+        self.pool = None
+
+    def advance(self, traj, seg) -> None:
         from ..core.trajectory import Trajectory
         from .pool import RankPool
         from .ranks import RankFailure
 
-        for attempt in range(1, TRIES + 1):
-            try:
-                if name not in self.pools:
-                    self.pools[name] = RankPool(self.pipe.sources[name], self.plan.ranks, self.plan.mode)
-                data = self.pools[name].advance(traj.to_bytes(), steps, name)
-            except RankFailure as failure:
-                self.pools.pop(name).close()
-                what = f"patch-parallel ranks failed: {failure}"
-                if attempt < TRIES:
-                    self.warn(f"{what}; trying again")
-                    continue
-                self.warn(f"{what}; running {name!r}'s {steps} steps here")
-                advance(self.pipe.unets[name], [traj], steps, name)
-                traj.degraded = True
-                return
-            vars(traj).update(vars(Trajectory.from_bytes(data)))
-            return
+        try:
+            if self.pool is None:
+                self.pool = RankPool(self.source, self.ranks, self.mode)
+            data = self.pool.advance(traj.to_bytes(), seg.steps, seg.model)
+        except RankFailure as failure:
+            self.close()
+            raise SegmentFailed(f"patch-parallel ranks failed: {failure}") from None
+        vars(traj).update(vars(Trajectory.from_bytes(data)))
 
     def close(self) -> None:
-        for pool in self.pools.values():
-            pool.close()
-        self.pools.clear()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
+class PatchRun:
+    """A PatchPlan installed on a pipeline: closing it stops the ranks and takes the executors back."""
+
+    def __init__(self, pipe, executors: dict[str, RankExecutor]):
+        self.pipe, self.executors = pipe, executors
+
+    def close(self) -> None:
+        for name, executor in self.executors.items():
+            executor.close()
+            if self.pipe.executors.get(name) is executor:
+                del self.pipe.executors[name]
 
     def __enter__(self) -> "PatchRun":
         return self

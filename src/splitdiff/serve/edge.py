@@ -1,11 +1,12 @@
 """A hybrid plan whose first segment runs on the cloud, the rest on this device.
 
-The cloud encodes the prompt and runs the first segment; the trajectory comes back
-with its embeddings, so the edge continues without encoding anything. When the cloud
+The first segment goes to a `CloudExecutor` (the core's segment executor, over HTTP):
+the cloud encodes the prompt and runs it; the trajectory comes back with its
+embeddings, so the edge continues without encoding anything. When the cloud
 cannot be had, or what it answers is not a trajectory this edge can finish (corrupt,
 not the one asked for, not for these models, or one that stops being finite), the
 edge runs those steps itself with its first model and marks the result degraded:
-the user still gets an image.
+the user still gets an image (the pipeline's one failure policy, core/segments.py).
 
 With a user block (`user=`), a server with admission decides the split: granted, the
 cloud runs the steps it chose and the edge the rest (its plan is stretched or cut from
@@ -15,14 +16,15 @@ every step itself, which is the plan and not a degraded result.
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
-from dataclasses import replace
 from typing import Callable
 
 from ..core.plan import Plan, PlanSegment, check_plan
 from ..core.runner import advance
+from ..core.segments import Declined, Executor, SegmentFailed, StartRequest
 from ..core.trajectory import Trajectory, TrajectoryError
 from ..errors import UserError
 from ..hybrid.pipeline import HybridPipeline, latent_factor
@@ -35,57 +37,71 @@ class MismatchedAnswer(TrajectoryError):
     """The cloud answered a valid trajectory, but not the one asked for or not one this edge can continue."""
 
 
+class CloudExecutor(Executor):
+    """The plan's first segment on a cloud server (POST /v1/trajectories): it encodes the prompt and
+    runs the steps, so this device encodes nothing.
+
+    The client's tries (which honour Retry-After) are the policy's tries; an answer that
+    is not the trajectory asked for, or that `rest` (the edge's segments) cannot run,
+    counts as a failed try. `handoff` is the last exchange's cost, for the cost table.
+    """
+
+    can_advance = False
+
+    def __init__(self, client: CloudClient, pipe, rest: Plan | None = None, *, half: bool = False,
+                 user: dict | None = None, warn: Callable[[str], None] = print):
+        """`pipe`: the edge's pipeline (Split- or HybridPipeline); `rest`: the edge's segments (default: one
+        per loaded model, so that every model here must be able to continue the answer)."""
+        self.pipe = getattr(pipe, "hybrid", pipe)
+        self.rest = rest or tuple(PlanSegment(name, 1) for name in self.pipe.unets)
+        self.client, self.half, self.user, self.warn = client, half, user, warn
+        self.here = self.rest[0].model  # the cloud's model is not here: the edge's first model stands in
+        self.handoff: Handoff | None = None
+
+    def start(self, request: StartRequest, seg: PlanSegment) -> Trajectory:
+        if request.height != request.width:
+            raise UserError("the cloud serves square images: give one size, not a different height and width")
+        body = dict(model=seg.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
+                    seed=request.seed, steps=request.steps, cloud_steps=seg.steps, scheduler=request.scheduler,
+                    guidance=request.guidance_scale, size=request.height, half=self.half)
+        if self.user is not None:
+            body["user"] = self.user
+
+        def check(traj: Trajectory) -> None:
+            _check_answer(traj, self.pipe, self.rest, steps=request.steps,
+                          cloud_steps=None if self.user is not None else seg.steps, scheduler=request.scheduler,
+                          size=request.height, seed=request.seed, guidance=request.guidance_scale)
+
+        self.handoff = None
+        try:
+            traj, self.handoff = self.client.trajectory(body, check)
+        except CloudUnavailable as e:
+            raise SegmentFailed(f"cloud unavailable ({e})") from None
+        except Denied as e:
+            self.handoff = e.handoff
+            raise Declined("the cloud's admission runs every step on this device", e.handoff) from None
+        return traj
+
+
 def run_with_cloud(pipe: HybridPipeline, plan: Plan, client: CloudClient, prompt: str, *, negative_prompt: str = "",
                    steps: int = 25, scheduler: str = "dpmsolver++", seed: int = 0, guidance: float = 5.0,
                    size: int = 64, half: bool = False, on_step: OnStep | None = None,
                    warn: Callable[[str], None] = print, user: dict | None = None) -> tuple[Trajectory, Handoff | None]:
     """The finished trajectory, and what its handoff cost (None when the cloud's steps ran here).
 
-    `user` is the request's user block (schemas.UserBlock as a dict). The handoff's
-    `decision` then says what the admission decided; a denied user's handoff is the
-    exchange that carried the refusal.
+    The plan's first segment goes to a CloudExecutor; the pipeline's one plan runner and
+    failure policy do the rest. `user` is the request's user block (schemas.UserBlock as a
+    dict): the handoff's `decision` then says what the admission decided, and a denied
+    user's handoff is the exchange that carried the refusal.
     """
     cloud, rest = split_plan(plan)
     check_plan(plan, steps)
-    on_step = on_step or (lambda _m, _k: None)
-    request = dict(model=cloud.model, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-                   cloud_steps=cloud.steps, scheduler=scheduler, guidance=guidance, size=size, half=half)
-    if user is not None:
-        request["user"] = user
-
-    def check(traj: Trajectory) -> None:
-        _check_answer(traj, pipe, rest, steps=steps, cloud_steps=None if user is not None else cloud.steps,
-                      scheduler=scheduler, size=size, seed=seed, guidance=guidance)
-
-    def here() -> Trajectory:
-        local = rest[0].model
-        traj = pipe.start(prompt, negative_prompt=negative_prompt, steps=steps, scheduler=scheduler, seed=seed,
-                          guidance_scale=guidance, size=size)
-        advance(pipe.unets[local], [traj], cloud.steps, local, on_step=lambda k: on_step(local, k))
-        traj.degraded = True
-        pipe.run(traj, rest, on_step)
-        return traj
-
-    try:
-        traj, handoff = client.trajectory(request, check)
-    except CloudUnavailable as e:
-        warn(f"cloud unavailable ({e}); running its {cloud.steps} steps here with {rest[0].model!r}")
-        return here(), None
-    except Denied as e:
-        traj = pipe.start(prompt, negative_prompt=negative_prompt, steps=steps, scheduler=scheduler, seed=seed,
-                          guidance_scale=guidance, size=size)
-        pipe.run(traj, fit_plan(rest, steps), on_step)
-        return traj, e.handoff
-    for k in range(traj.step_index):
-        on_step(cloud.model, k)
-    rest = fit_plan(rest, steps - traj.step_index)
-    try:
-        pipe.run(traj, rest, on_step)
-    except TrajectoryError as e:
-        warn(f"cloud unavailable (its trajectory could not be finished here: {e}); running its {cloud.steps} "
-             f"steps here with {rest[0].model!r}")
-        return here(), None
-    return traj, handoff
+    executor = CloudExecutor(client, pipe, rest, half=half, user=user, warn=warn)
+    local = copy.copy(pipe)  # its own executors: pipelines are shared by threads (bench users)
+    local.executors = {**pipe.executors, cloud.model: executor}
+    request = StartRequest(prompt, negative_prompt, seed, steps, scheduler, guidance, size, size)
+    traj = local.run_request(request, plan, on_step)
+    return traj, None if traj.degraded else executor.handoff
 
 
 def handoff_rows(handoff: Handoff | None) -> dict[str, str]:
@@ -101,25 +117,6 @@ def handoff_rows(handoff: Handoff | None) -> dict[str, str]:
             rows["admission"] = (f"granted ({d.get('policy')}): {d.get('cloud_steps')} cloud, "
                                  f"{d.get('device_steps')} here, predicted {d.get('predicted_seconds', 0):.3f} s")
     return rows
-
-
-def fit_plan(rest: Plan, device_steps: int) -> Plan:
-    """The edge's segments resized to `device_steps`, the last segments kept whole first.
-
-    The device's last steps are the ones that make the image its own, so a shorter part
-    is cut from the front and a longer one is added to the first segment. Segments keep
-    their adapters.
-    """
-    total = sum(s.steps for s in rest)
-    if device_steps >= total:
-        return (replace(rest[0], steps=rest[0].steps + device_steps - total), *rest[1:])
-    out, left = [], device_steps
-    for seg in reversed(rest):
-        if left <= 0:
-            break
-        out.append(replace(seg, steps=min(seg.steps, left)))
-        left -= seg.steps
-    return tuple(reversed(out))
 
 
 def measure_step_seconds(pipe: HybridPipeline, model: str, *, size: int = 64, steps: int = 25,

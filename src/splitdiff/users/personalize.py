@@ -139,7 +139,8 @@ def write_card(folder: Path, record: dict) -> None:
         f"- steps: {record['steps']} of {record['total_steps']}",
         f"- wall minutes: {record.get('wall_seconds', 0) / 60:.1f}",
         f"- trained with: `splitdiff personalize --user {record['user']} --concept \"{record['concept']}\" "
-        f"--token {record['token']} --steps {record['total_steps']}`",
+        f"--token {record['token']} --steps {record['total_steps']} --batch-size {record['batch_size']} "
+        f"--rank {record['rank']}`" + (f" on {record['device']}" if record.get("device") else ""),
     ]
     if record.get("content_sha256"):
         lines.append(f"- content sha256 (adapter_config.json, NUL, adapter_model.safetensors): "
@@ -180,7 +181,7 @@ def export_adapter(unet, adapter_name: str, out: Path, record: dict) -> None:
     try:
         unet.peft_config[adapter_name].save_pretrained(str(tmp))
         config = json.loads((tmp / CONFIG_FILE).read_text())
-        tensors = {k: v.detach().to(torch.float16).contiguous()
+        tensors = {k: v.detach().to("cpu", torch.float16).contiguous()
                    for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", METADATA_KEY: json.dumps(config)})
         (tmp / WEIGHTS_FILE).chmod(0o644)  # safetensors makes it private; the folder's other files are 0644
@@ -195,16 +196,23 @@ def export_adapter(unet, adapter_name: str, out: Path, record: dict) -> None:
 
 def personalize(user: str, concept: str, token: str = DEFAULT_TOKEN, out: Path | None = None,
                 run_dir: Path | None = None, base: str = "edge", vae: str = "vae", max_minutes: float | None = None,
-                check_prompts: int = 32, config: PersonalizeConfig = PersonalizeConfig()) -> AdapterRef:
-    """Train (or go on training) `user`'s adapter; returns it once published. Nothing is written on bad input."""
+                check_prompts: int = 32, config: PersonalizeConfig = PersonalizeConfig(),
+                device: str = "cpu") -> AdapterRef:
+    """Train (or go on training) `user`'s adapter; returns it once published. Nothing is written on bad input.
+
+    On a GPU the step runs under bf16 autocast, like the U-Nets' own trainers; the data
+    and the random draws stay those of the CPU run (they are made on the CPU, then moved).
+    """
     from peft import LoraConfig
 
+    from ..core.devices import resolve_device
     from ..core.registry import load_unet, load_vae
     from ..text import default_encoder
     from ..train.loop import LoopConfig, optimize, run_training, set_cosine_lr
-    from ..train.unet import MIN_SNR_GAMMA, NOISE_OFFSET, noise_schedule
+    from ..train.unet import MIN_SNR_GAMMA, NOISE_OFFSET, autocast, noise_schedule
 
     cfg = config
+    dev = resolve_device(device)
     out = Path(out) if out is not None else users_dir() / user
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(user)
     parsed = _check_inputs(user, concept, token, out, cfg)
@@ -214,14 +222,16 @@ def personalize(user: str, concept: str, token: str = DEFAULT_TOKEN, out: Path |
               "base_architecture": architecture_hash(unet), "base_weights": weights_fingerprint(unet),
               "rank": cfg.rank, "target_modules": list(TARGET_MODULES), "n_concept": cfg.n_concept,
               "n_prior": cfg.n_prior, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
-              "total_steps": cfg.steps}
+              "total_steps": cfg.steps, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     _check_resumable(run_dir, record)
     vae_model = load_vae(vae)
     encoder = default_encoder()
     concept_set, prior_set, _ = training_data(parsed, token, vae_model, encoder, cfg)
     empty, empty_mask = encoder([""])
+    concept_set, prior_set = ({k: v.to(dev) for k, v in data.items()} for data in (concept_set, prior_set))
+    empty, empty_mask = empty.to(dev), empty_mask.to(dev)
 
-    unet.requires_grad_(False)
+    unet.to(dev).requires_grad_(False)
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=list(TARGET_MODULES),
                                 init_lora_weights="gaussian"), adapter_name=user)
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
@@ -230,26 +240,28 @@ def personalize(user: str, concept: str, token: str = DEFAULT_TOKEN, out: Path |
     record["parameters"] = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     sched = noise_schedule()
-    alphas = sched.alphas_cumprod
+    alphas = sched.alphas_cumprod.to(dev)
     half = cfg.batch_size // 2
 
     def step(i: int) -> float:
         rng = random.Random(cfg.seed * 1_000_003 + i)  # data depends only on the step: resumable
         g = torch.Generator().manual_seed(cfg.seed * 7919 + i)
-        ci = torch.tensor([rng.randrange(cfg.n_concept) for _ in range(half)])
-        pi = torch.tensor([rng.randrange(cfg.n_prior) for _ in range(cfg.batch_size - half)])
+        ci = torch.tensor([rng.randrange(cfg.n_concept) for _ in range(half)], device=dev)
+        pi = torch.tensor([rng.randrange(cfg.n_prior) for _ in range(cfg.batch_size - half)], device=dev)
         x0 = torch.cat([concept_set["latents"][ci], prior_set["latents"][pi]])
         ctx = torch.cat([concept_set["embeds"][ci], prior_set["embeds"][pi]])
         mask = torch.cat([concept_set["masks"][ci], prior_set["masks"][pi]])
         drop = torch.cat([torch.zeros(half, dtype=torch.bool),
-                          torch.rand(len(pi), generator=g) < cfg.prior_dropout])
+                          torch.rand(len(pi), generator=g) < cfg.prior_dropout]).to(dev)
         ctx[drop], mask[drop] = empty[0], empty_mask[0]
         b = len(x0)
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g)
         noise = torch.randn(x0.shape, generator=g) + NOISE_OFFSET * torch.randn(b, x0.shape[1], 1, 1, generator=g)
-        pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
+        t, noise = t.to(dev), noise.to(dev)
+        with autocast(dev):
+            pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
         snr = alphas[t] / (1 - alphas[t])
-        per = F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * snr.clamp(max=MIN_SNR_GAMMA) / snr
+        per = F.mse_loss(pred.float(), noise, reduction="none").mean((1, 2, 3)) * snr.clamp(max=MIN_SNR_GAMMA) / snr
         set_cosine_lr(opt, i, cfg.steps, cfg.lr, warmup=WARMUP)
         return optimize(opt, per[:half].mean() + cfg.prior_weight * per[half:].mean(), clip=1.0)
 
