@@ -89,14 +89,72 @@ class ClipEncoder:
         return self.model(tok["input_ids"]).last_hidden_state.float(), None
 
 
+class SdxlEncoder:
+    """An SDXL pipeline folder's two CLIP encoders, as StableDiffusionXLPipeline.encode_prompt uses them.
+
+    The context is both encoders' penultimate hidden states side by side (768 + 1280 wide
+    in SDXL); the pooled embeddings, which the U-Net takes with the time ids as added
+    conditioning, are the second encoder's projected output. An empty negative prompt is
+    zeros when the folder says so (`force_zeros_for_empty_prompt`, SDXL base's default),
+    as diffusers does when no negative prompt is given.
+    """
+
+    pooled = True
+
+    def __init__(self, pipeline_dir: Path):
+        import json
+
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        from .core.registry import weights_variant
+
+        def load(cls, sub):
+            folder = pipeline_dir / sub
+            return cls.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32,
+                                       variant=weights_variant(folder)).eval()
+
+        self.tokenizers = [CLIPTokenizer.from_pretrained(pipeline_dir / sub, local_files_only=True)
+                           for sub in ("tokenizer", "tokenizer_2")]
+        self.models = [load(CLIPTextModel, "text_encoder"), load(CLIPTextModelWithProjection, "text_encoder_2")]
+        self.model = self.models[1]
+        self.context_dim = sum(m.config.hidden_size for m in self.models)
+        index = json.loads((pipeline_dir / "model_index.json").read_text())
+        self.zeros_for_empty = bool(index.get("force_zeros_for_empty_prompt", True))
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        states, pooled = [], None
+        for tokenizer, model in zip(self.tokenizers, self.models):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            out = model(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            if out[0].ndim == 2:  # the projected pooled output (the second encoder's)
+                pooled = out[0]
+        return torch.cat(states, dim=-1).float(), pooled.float()
+
+    def with_pooled(self, prompts: list[str], negative_prompt: str) -> tuple[torch.Tensor, None, torch.Tensor]:
+        """(context, no mask, pooled) for the prompts and then the negative prompt, as the last row."""
+        emb, pooled = self._encode(list(prompts) + [negative_prompt])
+        if negative_prompt == "" and self.zeros_for_empty:
+            emb[-1], pooled[-1] = 0.0, 0.0
+        return emb, None, pooled
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, None]:
+        return self._encode(list(prompts))[0], None
+
+
 def has_text_encoder(source: str) -> bool:
     path = Path(source).expanduser()
     return (path / "text_encoder" / "config.json").exists() and (path / "tokenizer").is_dir()
 
 
 def prompt_encoder_for(source: str):
-    """The encoder a model source implies: a pipeline folder's CLIP, else the embedded MiniLM."""
-    return ClipEncoder(Path(source).expanduser()) if has_text_encoder(source) else default_encoder()
+    """The encoder a model source implies: a pipeline folder's CLIP (both of an SDXL folder's), else MiniLM."""
+    path = Path(source).expanduser()
+    if not has_text_encoder(source):
+        return default_encoder()
+    return SdxlEncoder(path) if (path / "text_encoder_2" / "config.json").exists() else ClipEncoder(path)
 
 
 def _encoder_fingerprint(folder: Path) -> str:
@@ -104,7 +162,7 @@ def _encoder_fingerprint(folder: Path) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for sub in ("text_encoder", "tokenizer"):
+    for sub in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
         for f in sorted(p for p in (folder / sub).rglob("*") if p.is_file()):
             h.update(f.relative_to(folder).as_posix().encode() + b"\0")
             with f.open("rb") as fh:

@@ -30,16 +30,26 @@ class NonFiniteError(TrajectoryError):
 
 
 def _context(trajs: Sequence[Trajectory], scaled: Sequence[torch.Tensor]):
-    """The U-Net's inputs for one step: rows [uncond..., cond...] like StableDiffusionPipeline."""
+    """The U-Net's inputs for one step: rows [uncond..., cond...] like StableDiffusionPipeline.
+
+    Returns (guided trajectories, x, t, context, mask or None, added_cond_kwargs or None);
+    the last is SDXL's pooled text embeddings and time ids, row for row.
+    """
     guided = [(x, t) for x, t in zip(scaled, trajs) if t.uses_guidance]
-    rows = [(x, t.timestep, t.negative_embeds, t.negative_mask) for x, t in guided]
-    rows += [(x, t.timestep, t.prompt_embeds, t.prompt_mask) for x, t in zip(scaled, trajs)]
-    xs, ts, embeds, masks = zip(*rows)
+    rows = [(x, t.timestep, t.negative_embeds, t.negative_mask, t.negative_added) for x, t in guided]
+    rows += [(x, t.timestep, t.prompt_embeds, t.prompt_mask, t.prompt_added) for x, t in zip(scaled, trajs)]
+    xs, ts, embeds, masks, added = zip(*rows)
     mask = None
     if any(m is not None for m in masks):
         mask = torch.stack([torch.ones(e.shape[0], dtype=torch.long) if m is None else m
                             for m, e in zip(masks, embeds)])
-    return [t for _, t in guided], torch.cat(xs), torch.stack([t.float() for t in ts]), torch.stack(embeds), mask
+    extra = None
+    if any(a is not None for a in added):
+        if any(a is None or a.keys() != added[0].keys() for a in added):
+            raise TrajectoryError("trajectories with and without added conditioning (SDXL) cannot share a step")
+        extra = {k: torch.stack([a[k] for a in added]) for k in added[0]}
+    return [t for _, t in guided], torch.cat(xs), torch.stack([t.float() for t in ts]), torch.stack(embeds), mask, \
+        extra
 
 
 def _scaled(traj: Trajectory) -> torch.Tensor:
@@ -50,13 +60,14 @@ def _scaled(traj: Trajectory) -> torch.Tensor:
 @torch.no_grad()
 def guided_noise(unet, trajs: Sequence[Trajectory], scaled: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Each trajectory's guided noise prediction, from one U-Net call (`scaled`: their scaled inputs, if made)."""
-    guided, x, t, ctx, mask = _context(trajs, [_scaled(tr) for tr in trajs] if scaled is None else scaled)
+    guided, x, t, ctx, mask, added = _context(trajs, [_scaled(tr) for tr in trajs] if scaled is None else scaled)
     # One parameter says where the model is: diffusers' `unet.device` / `.dtype` walk every module
     # (for offloading hooks), 3 ms a call on the embedded cloud, a tenth of its step at batch 1.
     weight = next(unet.parameters())
     device, dtype = weight.device, weight.dtype
+    extra = {} if added is None else {"added_cond_kwargs": {k: v.to(device, dtype) for k, v in added.items()}}
     out = unet(x.to(device, dtype), t.to(device), encoder_hidden_states=ctx.to(device, dtype),
-               encoder_attention_mask=None if mask is None else mask.to(device), return_dict=False)[0]
+               encoder_attention_mask=None if mask is None else mask.to(device), return_dict=False, **extra)[0]
     out = out.float().cpu()
     uncond = dict(zip((id(g) for g in guided), out[: len(guided)]))
     cond = out[len(guided):]

@@ -34,6 +34,9 @@ VERSION = 1
 MAX_CHANNELS = 16
 MIN_SIDE, MAX_SIDE = 4, 512  # latent sides; 4 is the server's smallest image (16 px) at the family's 4x VAE
 MAX_TOKENS, MAX_WIDTH = 512, 4096  # prompt embeddings: L x D
+# SDXL's added conditioning (the U-Net's added_cond_kwargs): the last encoder's pooled
+# output, and (original size, crop corner, target size) as six numbers
+ADDED_KEYS = {"text_embeds": MAX_WIDTH, "time_ids": 6}
 MAX_PROMPT_CHARS = 10_000
 MAX_NAME_CHARS = 200  # provenance model and place names
 MAX_SEGMENTS = 2 * schedulers.MAX_STEPS
@@ -89,6 +92,8 @@ class Trajectory:
     negative_embeds: torch.Tensor  # L x D
     prompt_mask: torch.Tensor | None = None  # L (1 = token, 0 = padding)
     negative_mask: torch.Tensor | None = None
+    prompt_added: dict[str, torch.Tensor] | None = None  # SDXL: {"text_embeds": P, "time_ids": 6}
+    negative_added: dict[str, torch.Tensor] | None = None
     guidance_scale: float = 5.0
     seed: int = 0
     step_index: int = 0  # the next step to run
@@ -160,6 +165,8 @@ class Trajectory:
             tensors["prompt_mask"] = self.prompt_mask
         if self.negative_mask is not None:
             tensors["negative_mask"] = self.negative_mask
+        for side in ("prompt_added", "negative_added"):
+            tensors.update({f"{side}.{k}": v for k, v in (getattr(self, side) or {}).items()})
         if half:
             tensors = {k: v.half() if v.dtype == torch.float32 and not k.startswith("sched.timesteps") else v
                        for k, v in tensors.items()}
@@ -358,7 +365,23 @@ def _check_static_tensors(header: dict) -> tuple[int, ...]:
     dtype, shape = _entry(header, "generator_state")
     _need(dtype == "U8" and shape == (GENERATOR_STATE_BYTES,),
           f"generator_state is not {GENERATOR_STATE_BYTES} bytes (U8)")
+    _check_added_entries(header)
     return lat
+
+
+def _check_added_entries(header: dict) -> None:
+    """prompt_added.* and negative_added.*: the same known keys on both sides, 1-D floats of the same shapes."""
+    sides = {side: {k[len(side) + 1:]: _entry(header, k) for k in header if k.startswith(side + ".")}
+             for side in ("prompt_added", "negative_added")}
+    for side, entries in sides.items():
+        for key, (dtype, shape) in entries.items():
+            _need(key in ADDED_KEYS, f"unexpected tensor {_show(side + '.' + key)}")
+            _need(dtype in _FLOAT_CODES and len(shape) == 1 and 1 <= shape[0] <= ADDED_KEYS[key],
+                  f"{side}.{key} is {dtype} {shape}, not F32/F16 of 1..{ADDED_KEYS[key]} values")
+    _need(sides["prompt_added"] == sides["negative_added"],
+          "prompt_added and negative_added differ in their tensors or shapes")
+    if sides["prompt_added"].get("time_ids") is not None:
+        _need(sides["prompt_added"]["time_ids"][1] == (6,), "time_ids are not 6 values")
 
 
 STATIC_TENSORS = ("latents", "prompt_embeds", "negative_embeds", "generator_state", "prompt_mask", "negative_mask")
@@ -373,8 +396,8 @@ def _load(data: bytes) -> Trajectory:
                                    step_index=step_index, sample_shape=lat_shape)
     provenance = _check_provenance(meta["provenance"], step_index)
     for key in header:
-        _need(key in STATIC_TENSORS or (key.startswith("sched.") and key[6:] in plan.tensors),
-              f"unexpected tensor {_show(key)}")
+        _need(key in STATIC_TENSORS or key.startswith(("prompt_added.", "negative_added."))
+              or (key.startswith("sched.") and key[6:] in plan.tensors), f"unexpected tensor {_show(key)}")
     for key, (dtype, shape) in plan.tensors.items():
         _need(f"sched.{key}" in header, f"missing tensor 'sched.{key}'")
         code, got = _entry(header, f"sched.{key}")
@@ -402,14 +425,19 @@ def _load(data: bytes) -> Trajectory:
     return Trajectory(
         latents=tensors["latents"], scheduler=scheduler, generator=generator, prompt_embeds=tensors["prompt_embeds"],
         negative_embeds=tensors["negative_embeds"], prompt_mask=tensors.get("prompt_mask"),
-        negative_mask=tensors.get("negative_mask"), guidance_scale=float(meta["guidance_scale"]), seed=meta["seed"],
+        negative_mask=tensors.get("negative_mask"), prompt_added=_added(tensors, "prompt_added"),
+        negative_added=_added(tensors, "negative_added"), guidance_scale=float(meta["guidance_scale"]), seed=meta["seed"],
         step_index=step_index, prompt=meta["prompt"], negative_prompt=meta["negative_prompt"],
         provenance=provenance, degraded=meta["degraded"],
     )
 
 
+def _added(tensors: dict, side: str) -> dict[str, torch.Tensor] | None:
+    return {k[len(side) + 1:]: v for k, v in tensors.items() if k.startswith(side + ".")} or None
+
+
 def _check_new(prompt_embeds, negative_embeds, prompt_mask, negative_mask, latent_shape, seed, guidance_scale,
-               prompt, negative_prompt) -> None:
+               prompt, negative_prompt, prompt_added=None, negative_added=None) -> None:
     """What new_trajectory refuses: anything the loader would refuse when the trajectory comes back."""
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
             or not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE:
@@ -430,6 +458,12 @@ def _check_new(prompt_embeds, negative_embeds, prompt_mask, negative_mask, laten
     for name, mask in (("prompt_mask", prompt_mask), ("negative_mask", negative_mask)):
         if mask is not None and tuple(mask.shape) != tuple(prompt_embeds.shape[:1]):
             raise UserError(f"{name} does not match the embeddings' length")
+    shapes = [{k: (tuple(v.shape), bool(torch.isfinite(v).all())) for k, v in (a or {}).items()}
+              for a in (prompt_added, negative_added)]
+    if shapes[0] != shapes[1] or any(k not in ADDED_KEYS or len(shape) != 1 or not 1 <= shape[0] <= ADDED_KEYS[k]
+                                     or not finite for k, (shape, finite) in shapes[0].items()):
+        raise UserError("the added conditioning (pooled text embeddings, time ids) must be finite 1-D tensors, "
+                        "the same keys and shapes for the prompt and the negative prompt")
     for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
         if not _is_text(text, MAX_PROMPT_CHARS):
             raise UserError(f"the {name} must be text of at most {MAX_PROMPT_CHARS} characters")
@@ -438,14 +472,23 @@ def _check_new(prompt_embeds, negative_embeds, prompt_mask, negative_mask, laten
 def new_trajectory(prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, *, latent_shape: tuple[int, int, int],
                    scheduler: str = "dpmsolver++", steps: int = 25, seed: int = 0, guidance_scale: float = 5.0,
                    prompt_mask: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None,
-                   noise_schedule: dict | None = None, prompt: str = "", negative_prompt: str = "") -> Trajectory:
-    """A trajectory at step 0: seeded noise scaled as StableDiffusionPipeline scales it."""
+                   noise_schedule: dict | None = None, prompt: str = "", negative_prompt: str = "",
+                   prompt_added: dict[str, torch.Tensor] | None = None,
+                   negative_added: dict[str, torch.Tensor] | None = None) -> Trajectory:
+    """A trajectory at step 0: seeded noise scaled as StableDiffusionPipeline scales it.
+
+    `prompt_added` / `negative_added`: the U-Net's added conditioning for each side (SDXL's
+    pooled text embeddings and time ids), carried with the trajectory like its embeddings.
+    """
     _check_new(prompt_embeds, negative_embeds, prompt_mask, negative_mask, latent_shape, seed, guidance_scale,
-               prompt, negative_prompt)
+               prompt, negative_prompt, prompt_added, negative_added)
     sched = schedulers.make_scheduler(scheduler, noise_schedule, steps)
     generator = torch.Generator().manual_seed(int(seed))
     latents = randn_tensor((1, *latent_shape), generator=generator, dtype=torch.float32) * sched.init_noise_sigma
+    def added(a):
+        return None if not a else {k: v.detach().float().cpu().clone() for k, v in a.items()}
+
     return Trajectory(latents, sched, generator, prompt_embeds.float(), negative_embeds.float(),
                       None if prompt_mask is None else prompt_mask.long(),
-                      None if negative_mask is None else negative_mask.long(), float(guidance_scale), int(seed), 0,
-                      prompt, negative_prompt)
+                      None if negative_mask is None else negative_mask.long(), added(prompt_added),
+                      added(negative_added), float(guidance_scale), int(seed), 0, prompt, negative_prompt)

@@ -57,6 +57,15 @@ def check_trajectory(traj: Trajectory, unet, model: str) -> None:
     if isinstance(width, int) and traj.prompt_embeds.shape[-1] != width:
         raise TrajectoryError(f"trajectory embeddings are {traj.prompt_embeds.shape[-1]} wide; model {model!r} "
                               f"cross-attends to width {width}")
+    wants = getattr(cfg, "addition_embed_type", None) == "text_time"
+    if wants != (traj.prompt_added is not None):
+        raise TrajectoryError(f"model {model!r} {'needs' if wants else 'takes no'} pooled text embeddings and time "
+                              f"ids (SDXL's added conditioning), and the trajectory has {'none' if wants else 'them'}")
+    if wants:
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        if traj.prompt_added["text_embeds"].shape[-1] != pooled:
+            raise TrajectoryError(f"trajectory's pooled text embeddings are {traj.prompt_added['text_embeds'].shape[-1]}"
+                                  f" wide; model {model!r} takes {pooled}")
 
 
 @dataclass
@@ -129,13 +138,20 @@ class HybridPipeline:
         name, config = self.scheduler_for(scheduler)
         channels = next(iter(self.unets.values())).config.in_channels
         start = time.perf_counter()
-        emb, mask = self.encoder(list(prompts) + [negative_prompt])
+        added = [None] * (len(prompts) + 1)
+        if getattr(self.encoder, "pooled", False):  # SDXL: pooled embeddings, and time ids for this size
+            emb, mask, pooled = self.encoder.with_pooled(list(prompts), negative_prompt)
+            time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)  # original size, crop corner, target
+            added = [{"text_embeds": row, "time_ids": time_ids} for row in pooled]
+        else:
+            emb, mask = self.encoder(list(prompts) + [negative_prompt])
         self.timings["encode"] = time.perf_counter() - start
         return [new_trajectory(
             emb[i], emb[-1], latent_shape=(channels, h // f, w // f), scheduler=name, steps=steps,
             seed=seed, guidance_scale=guidance_scale, prompt_mask=None if mask is None else mask[i],
             negative_mask=None if mask is None else mask[-1], noise_schedule=config,
-            prompt=p, negative_prompt=negative_prompt) for i, (p, seed) in enumerate(zip(prompts, seeds))]
+            prompt=p, negative_prompt=negative_prompt, prompt_added=added[i], negative_added=added[-1])
+            for i, (p, seed) in enumerate(zip(prompts, seeds))]
 
     def run(self, traj: Trajectory, plan: Plan, on_step: Callable[[str, int], None] | None = None) -> None:
         """Run the plan's segments in order, each with its own U-Net, on one trajectory."""
@@ -265,5 +281,6 @@ def load_pipeline(model_sources: dict[str, str], vae_source: str, dtype: torch.d
     encoder = prompt_encoder_for(shared)
     schedule = noise_schedule(first)
     return HybridPipeline(unets, load_vae(vae_source, dtype, variant), encoder, schedule,
-                          encoder.model.config.hidden_size, sources=dict(model_sources),
+                          getattr(encoder, "context_dim", None) or encoder.model.config.hidden_size,
+                          sources=dict(model_sources),
                           scheduler_source=None if schedule is None else first)
