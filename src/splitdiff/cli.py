@@ -276,6 +276,14 @@ def serve(
                             "1 / (1 + exp(-A (n - B))), n the device's steps."),
     device: str = RUN_DEVICE,
     dtype: str = RUN_DTYPE,
+    engine: str = typer.Option("local", help="local: one process; ray: replicas of it on Ray Serve "
+                               "(pip install 'splitdiff[ray]')."),
+    replicas: int = typer.Option(1, min=1, help="With --engine ray: how many replicas."),
+    autoscale: Optional[str] = typer.Option(None, help="With --engine ray: MIN:MAX replicas, scaled with load."),
+    address: Optional[str] = typer.Option(None, help="With --engine ray: a Ray cluster to join (default: start "
+                                          "one here)."),
+    replica_cpus: float = typer.Option(1.0, min=0.01, help="With --engine ray: CPUs (and torch threads) each "
+                                       "replica takes."),
 ):
     """Serve a model's first steps over HTTP with step-level batching (API docs at /docs)."""
     if role != "cloud":
@@ -291,8 +299,19 @@ def serve(
                     max_connections=max_connections, header_timeout=header_timeout)
     admit = AdmissionConfig(admission, window, capacity, solver, planner_timeout, parse_pai(pai)).check(max_batch)
     _check_placement(device, dtype)
-    run(build_app(model, name=name, vae=vae, token=load_token(token_file), limits=limits, admission=admit,
-                  device=device, dtype=dtype), host, port, log_level, limits)
+    build = dict(model=model, name=name, vae=vae, token=load_token(token_file), limits=limits, admission=admit,
+                 device=device, dtype=dtype)
+    if engine == "ray":
+        from .serve.replicas import RayOptions, parse_autoscale, serve_forever
+
+        options = RayOptions(replicas, parse_autoscale(autoscale), address, replica_cpus).check()
+        serve_forever(build, options, max_batch, host, port)
+        return
+    if engine != "local":
+        raise UserError(f"--engine must be local or ray, not {engine!r}")
+    if replicas != 1 or autoscale or address:
+        raise UserError("--replicas, --autoscale and --address go with --engine ray")
+    run(build_app(**build), host, port, log_level, limits)
 
 
 @app.command()
@@ -510,14 +529,24 @@ def bench_serve_cmd(
     max_batch: int = typer.Option(32, min=2, help="Batch limit of the batching server."),
     steps: int = typer.Option(25, min=1, max=MAX_STEPS), cloud_steps: int = typer.Option(10, min=1, max=MAX_STEPS),
     size: int = typer.Option(64, min=16), device: str = RUN_DEVICE, dtype: str = RUN_DTYPE,
+    engine: str = typer.Option("local", help="local: the single-process server; ray: it too, and then Ray Serve "
+                               "(serve --engine ray) at each --replicas count, in the same run."),
+    replicas: str = typer.Option("1,2", help="With --engine ray: replica counts, e.g. 1,2."),
+    replica_cpus: float = typer.Option(1.0, min=0.01, help="CPUs (and torch threads) per Ray replica."),
 ):
     """Throughput and latency of `serve` under 1..32 clients, batching on vs off, and a load run."""
     from .bench.serve import bench_serve
 
     _check_placement(device, dtype)
+    if engine not in ("local", "ray"):
+        raise UserError(f"--engine must be local or ray, not {engine!r}")
+    if engine == "ray":
+        from .serve.replicas import check_installed
+
+        check_installed()
     bench_serve(out, model=model, vae=vae, edge_model=edge_model, clients=clients, seconds=seconds,
                 load_seconds=load_seconds, max_batch=max_batch, steps=steps, cloud_steps=cloud_steps, size=size,
-                device=device, dtype=dtype)
+                device=device, dtype=dtype, replicas=replicas if engine == "ray" else None, replica_cpus=replica_cpus)
 
 
 @bench_app.command("personalize")

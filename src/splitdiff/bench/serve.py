@@ -103,6 +103,8 @@ class Sample:
     received: int = 0
     server_s: float = 0.0
     serialize_s: float = 0.0
+    server: str = ""  # which process answered (a replica)
+    mean_batch: float = float("nan")  # the mean batch of the U-Net calls that ran it
 
     @property
     def latency(self) -> float:
@@ -140,7 +142,8 @@ def _client(url: str, deadline: float, make: Requests, samples: list[Sample], he
             h = r.headers
             samples.append(Sample(start, time.perf_counter(), r.status_code, len(r.content),
                                   float(h.get("X-Splitdiff-Server-Seconds", 0)),
-                                  float(h.get("X-Splitdiff-Serialize-Seconds", 0))))
+                                  float(h.get("X-Splitdiff-Serialize-Seconds", 0)), h.get("X-Splitdiff-Server", ""),
+                                  float(h.get("X-Splitdiff-Mean-Batch", "nan"))))
 
 
 def drive(url: str, clients: int, seconds: float, make: Requests,
@@ -173,8 +176,11 @@ def concurrency_point(server: ServerProcess, clients: int, seconds: float, make:
     calls = after["splitdiff_batch_size_count"] - before["splitdiff_batch_size_count"]
     batched = after["splitdiff_batch_size_sum"] - before["splitdiff_batch_size_sum"]
     latency = [s.latency for s in ok]
+    servers = sorted({s.server for s in ok})
+    per_server = [statistics.fmean(s.mean_batch for s in ok if s.server == name) for name in servers]
     return {
         "clients": clients, "requests": len(samples), "errors": len(samples) - len(ok),
+        "servers": len(servers), "batch_per_server": " ".join(f"{b:.2f}" for b in per_server),
         "images_per_s": len(ok) / wall, "p50_s": _percentile(latency, 0.5), "p99_s": _percentile(latency, 0.99),
         "mean_batch": batched / calls if calls else float("nan"),
         "handoff_bytes": statistics.fmean(s.received for s in ok) if ok else float("nan"),
@@ -308,6 +314,16 @@ def _plots(out: Path, points: list[dict], load: list[dict]) -> None:
     plt.close(fig)
 
 
+def _parse_counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise UserError(f"--replicas {text!r} must be positive integers, e.g. 1,2")
+    return counts
+
+
 def _parse_clients(text: str) -> list[int]:
     try:
         levels = sorted({int(x) for x in text.split(",") if x.strip()})
@@ -321,18 +337,20 @@ def _parse_clients(text: str) -> list[int]:
 def bench_serve(out: Path, *, model: str = "cloud", vae: str | None = None, edge_model: str | None = None,
                 clients: str = "1,4,16,32", seconds: float = 20.0, load_seconds: float = 60.0, max_batch: int = 32,
                 steps: int = 25, cloud_steps: int = 10, size: int = 64, device: str = "cpu",
-                dtype: str = "fp32") -> dict:
+                dtype: str = "fp32", replicas: str | None = None, replica_cpus: float = 1.0) -> dict:
     """Run every part; write CSVs and PNGs under `out`; return the figures.
 
     `device` and `dtype` place the served model and the ceiling's (the clients and the
-    end-to-end runs' edge side stay on the CPU, as a device would be).
+    end-to-end runs' edge side stay on the CPU, as a device would be). `replicas`
+    ("1,2") adds, in the same run, the Ray Serve engine at each replica count.
     """
     levels = _parse_clients(clients)
+    counts = _parse_counts(replicas) if replicas else []
     if not 1 <= cloud_steps <= steps:
         raise UserError(f"--cloud-steps must be 1..{steps}, not {cloud_steps}")
     out.mkdir(parents=True, exist_ok=True)
     make = Requests(steps, cloud_steps, size)
-    points, load, e2e = [], [], None
+    points, load, e2e, ray_points = [], [], None, []
     ceiling = UnetCeiling(model, vae, steps=steps, cloud_steps=cloud_steps, size=size, device=device, dtype=dtype)
     placement = ("--device", device, "--dtype", dtype)
     for batch in (max_batch, 1):
@@ -355,7 +373,20 @@ def bench_serve(out: Path, *, model: str = "cloud", vae: str | None = None, edge
                 print(f"load: {LOAD_CLIENTS} clients, {last['t_s']:.0f} s: {last['answered']} answered, "
                       f"{last['errors']} errors, server RSS {min(r['rss_mib'] for r in load):.0f}"
                       f"..{max(r['rss_mib'] for r in load):.0f} MiB", flush=True)
+    for n in counts:
+        ray = ("--engine", "ray", "--replicas", str(n), "--replica-cpus", f"{replica_cpus:g}")
+        with ServerProcess(model, vae, max_batch, out / "server.log", extra=placement + ray) as server:
+            httpx.post(f"{server.url}/v1/trajectories", json=make(), timeout=300)  # warm-up
+            for level in levels:
+                row = {"max_batch": max_batch, "engine": f"ray x{n}", **concurrency_point(server, level, seconds, make)}
+                row["mean_batch"] = float("nan")  # /metrics is one replica's: batch_per_server has each one's
+                ray_points.append(row)
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      flush=True)
     write_csv(out / "serve_concurrency.csv", points)
+    if ray_points:
+        write_csv(out / "serve_replicas.csv", [{**p, "engine": "local"} for p in points if p["max_batch"] == max_batch]
+                  + ray_points)
     write_csv(out / "serve_load.csv", load)
     if e2e:
         write_csv(out / "serve_end_to_end.csv", [e2e])
@@ -364,7 +395,11 @@ def bench_serve(out: Path, *, model: str = "cloud", vae: str | None = None, edge
     print("images/s, batching vs max batch 1: " + ", ".join(f"{n} clients {s:.2f}x" for n, s in speedup.items()))
     efficiency = {p["clients"]: p["efficiency"] for p in points if p["max_batch"] == max_batch}
     print("share of the U-Net ceiling: " + ", ".join(f"{n} clients {e:.1%}" for n, e in efficiency.items()))
-    return {"points": points, "load": load, "end_to_end": e2e, "speedup": speedup, "efficiency": efficiency}
+    for n in counts:
+        rates = [f"{p['clients']} clients {p['images_per_s']:.2f}" for p in ray_points if p["engine"] == f"ray x{n}"]
+        print(f"images/s, Ray Serve with {n} replica(s): " + ", ".join(rates))
+    return {"points": points, "load": load, "end_to_end": e2e, "speedup": speedup, "efficiency": efficiency,
+            "replicas": ray_points}
 
 
 def _rate(points: list[dict], batch: int, clients: int) -> float:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
@@ -36,6 +38,7 @@ from .worker import UnknownModel
 log = logging.getLogger("splitdiff.serve")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+SERVER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which process answered: replicas tell apart by it
 TRAJECTORY_RESPONSE = {200: {"description": "The trajectory after `cloud_steps` (splitdiff safetensors).",
                              "content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                  "format": "binary"}}}}}
@@ -104,6 +107,7 @@ def create_app(engine: Engine, token: str | None = None, max_body_bytes: int = M
         metrics.request_seconds.observe(seconds)
         return Response(data, media_type="application/octet-stream", headers={
             "X-Splitdiff-Request": str(job.id),
+            "X-Splitdiff-Server": SERVER_ID,
             "X-Splitdiff-Server-Seconds": f"{seconds:.6f}",
             "X-Splitdiff-Serialize-Seconds": f"{seconds - (ready - start):.6f}",
             "X-Splitdiff-Queue-Seconds": f"{(job.admitted or job.arrived) - job.arrived:.6f}",
