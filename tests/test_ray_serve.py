@@ -71,12 +71,12 @@ def _generate(url, local, seed, tries=3, plan=PLAN):
 
 
 def test_serve_engine_ray_from_the_command_line_starts_answers_and_stops(paths):
-    """`splitdiff serve --engine ray` in its own process (its own local Ray), stopped by SIGTERM."""
+    """`splitdiff serve --engine ray --autoscale 1:2` in its own process (its own local Ray), stopped by SIGTERM."""
     import subprocess
     import sys
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "splitdiff", "serve", "--engine", "ray", "--replicas", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "splitdiff", "serve", "--engine", "ray", "--autoscale", "1:2",
                              "--replica-cpus", "0.5", "--model", paths["big"], "--vae", paths["vae"], "--port",
                              str(port), "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

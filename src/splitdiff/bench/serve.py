@@ -314,24 +314,15 @@ def _plots(out: Path, points: list[dict], load: list[dict]) -> None:
     plt.close(fig)
 
 
-def _parse_counts(text: str) -> list[int]:
+def _parse_counts(text: str, option: str, example: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]; a one-line error naming `option` for anything else."""
     try:
         counts = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
         counts = []
     if not counts or counts[0] < 1:
-        raise UserError(f"--replicas {text!r} must be positive integers, e.g. 1,2")
+        raise UserError(f"{option} {text!r} must be positive integers, e.g. {example}")
     return counts
-
-
-def _parse_clients(text: str) -> list[int]:
-    try:
-        levels = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        levels = []
-    if not levels or levels[0] < 1:
-        raise UserError(f"--clients {text!r} must be positive integers, e.g. 1,4,16,32")
-    return levels
 
 
 def bench_serve(out: Path, *, model: str = "cloud", vae: str | None = None, edge_model: str | None = None,
@@ -344,8 +335,8 @@ def bench_serve(out: Path, *, model: str = "cloud", vae: str | None = None, edge
     end-to-end runs' edge side stay on the CPU, as a device would be). `replicas`
     ("1,2") adds, in the same run, the Ray Serve engine at each replica count.
     """
-    levels = _parse_clients(clients)
-    counts = _parse_counts(replicas) if replicas else []
+    levels = _parse_counts(clients, "--clients", "1,4,16,32")
+    counts = _parse_counts(replicas, "--replicas", "1,2") if replicas else []
     if not 1 <= cloud_steps <= steps:
         raise UserError(f"--cloud-steps must be 1..{steps}, not {cloud_steps}")
     out.mkdir(parents=True, exist_ok=True)
