@@ -743,7 +743,7 @@ def bench_plan_cmd(
                                           "theirs in an existing plan.csv."),
 ):
     """Every planner against the exact optimum, for N = 4..100, both latency models and transmission forms."""
-    from .users.planner.bench import bench_plan
+    from .bench.plan import bench_plan
     from .users.planner.registry import parse_solvers
 
     bench_plan(out, scenarios=scenarios, users=users, milp_max_users=milp_max_users,

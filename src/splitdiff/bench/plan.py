@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ...bench import write_csv
-from ...errors import UserError
-from .families import paper_scenario
-from .registry import run, solvers
+from ..errors import UserError
+from ..users.planner.families import paper_scenario
+from ..users.planner.registry import run, solvers
+from . import write_csv
 
 SETTINGS = (("constant-batch", "paper-code"), ("constant-batch", "sound"),
             ("shrinking-batch", "paper-code"), ("shrinking-batch", "sound"))
@@ -120,7 +120,7 @@ def bench_plan(out: Path, scenarios: int = 200, users: str = "4,8,12,16,20,50,10
         rows.sort(key=lambda r: (setting[(r["latency"], r["transmission"])], r["N"], rank[r["solver"]]))
         ns = sorted({r["N"] for r in rows})
     write_csv(out / "plan.csv", rows)
-    from ...io import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     atomic_write_bytes(out / "plan.md", markdown(rows).encode())
     _plot(rows, out, ns)
@@ -133,7 +133,7 @@ def _plot(rows: list[dict], out: Path, ns: list[int]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ...io import atomic_write_bytes
+    from ..io import atomic_write_bytes
     import io
 
     plots = (("share_mean", "gap to the optimum, % of exact's improvement\nover all-local (0 = optimal)",
