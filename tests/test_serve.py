@@ -211,6 +211,37 @@ def test_engine_admits_mid_flight_and_retires_at_once_in_fifo_order():
     assert c.future.result().step_index == 1
 
 
+def test_after_a_wave_the_engine_regathers_its_clients_before_the_next_call():
+    """4 ran together and finished; their clients send again one by one: the next call takes all 4."""
+    worker = RecordingWorker()
+    engine = Engine(worker, max_batch=8, regather=2.0)
+    first = [engine.submit(_req(f"a{i}", 1)) for i in range(4)]  # queued before the loop runs: one call
+    engine.start()
+    try:
+        for job in first:
+            job.future.result(10)
+        started = time.perf_counter()
+        second = [engine.submit(_req("b0", 1))]
+        for i in range(1, 4):
+            time.sleep(0.05)
+            second.append(engine.submit(_req(f"b{i}", 1)))
+        for job in second:
+            job.future.result(10)
+        waited = time.perf_counter() - started
+    finally:
+        engine.stop()
+    assert [len(c) for c in worker.calls] == [4, 4] and waited < 1.0  # full, and not the whole 2 s
+    alone = Engine(RecordingWorker(), max_batch=8, regather=2.0)  # one client: nothing to wait for
+    alone.start()
+    try:
+        started = time.perf_counter()
+        for i in range(3):
+            alone.submit(_req(f"c{i}", 1)).future.result(10)
+        assert time.perf_counter() - started < 1.0
+    finally:
+        alone.stop()
+
+
 def test_scheduler_bounds_the_queue_and_drops_cancelled_jobs():
     s = BatchQueue(max_batch=1, max_waiting=2)
     jobs = [Job(_req(str(i), 1)) for i in range(3)]

@@ -262,6 +262,8 @@ def serve(
                                          "request's headers before it is closed."),
     max_steps: int = typer.Option(MAX_STEPS, min=1, max=MAX_STEPS, help="Largest total steps a request may ask for."),
     max_size: int = typer.Option(256, min=16, max=2048, help="Largest image side a request may ask for."),
+    regather: float = typer.Option(0.05, min=0, max=5, callback=finite, help="Seconds to wait, after a call ran "
+                                   "more trajectories than are now at hand, for their clients' next requests."),
     token_file: Optional[Path] = typer.Option(None, help="Bearer token file (else $SPLITDIFF_TOKEN; neither: open)."),
     log_level: str = typer.Option("info", help="critical, error, warning, info or debug."),
     admission: str = typer.Option("off", help="How requests with a user block are admitted: off (served as "
@@ -296,7 +298,7 @@ def serve(
     from .serve.server import Limits, build_app, run
 
     limits = Limits(max_batch, max_waiting, max_steps, max_size, max_queue_bytes=max_queue_mb * 1024 * 1024,
-                    max_connections=max_connections, header_timeout=header_timeout)
+                    max_connections=max_connections, header_timeout=header_timeout, regather=regather)
     admit = AdmissionConfig(admission, window, capacity, solver, planner_timeout, parse_pai(pai)).check(max_batch)
     _check_placement(device, dtype)
     build = dict(model=model, name=name, vae=vae, token=load_token(token_file), limits=limits, admission=admit,

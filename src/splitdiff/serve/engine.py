@@ -15,6 +15,7 @@ through `submit` and the future it returns.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from concurrent.futures import Future, InvalidStateError
 
@@ -42,9 +43,11 @@ class Engine(BackgroundLoop):
     thread_name = "splitdiff-engine"
 
     def __init__(self, worker: Worker, max_batch: int = 8, max_waiting: int = 256, metrics: Metrics | None = None,
-                 max_bytes: int | None = None, profile: StepProfile | None = None):
+                 max_bytes: int | None = None, profile: StepProfile | None = None, regather: float = 0.0):
         super().__init__()
         self.worker = worker
+        self.regather = regather  # seconds; see _regather
+        self._last_call = (0, 0.0)  # (batch size, when) of the last U-Net call
         self.queue = BatchQueue(max_batch, max_waiting, max_bytes)
         self.metrics = metrics or Metrics()
         self.profile = profile or StepProfile()
@@ -131,6 +134,7 @@ class Engine(BackgroundLoop):
             with self._cv:
                 while not self._stopping and not self.queue.has_work:
                     self._cv.wait()
+                self._regather()
                 if self._stopping:
                     return
                 admitted, batch = self.queue.schedule()
@@ -141,6 +145,24 @@ class Engine(BackgroundLoop):
                 self.queue.retire(done)
                 self._gauge()
                 self.metrics.running.set(len(self.queue.running))
+
+    def _regather(self) -> None:
+        """Under the lock: when fewer trajectories are at hand than the last call just ran (a wave of
+        requests finished and its clients are sending the next ones), wait up to `regather`
+        seconds for them, so that the next calls run full rather than one step ahead with a few.
+
+        Steady load never waits (as many are at hand as ran), nor does a lone client (one ran).
+        """
+        size, when = self._last_call
+        if self.regather <= 0 or time.perf_counter() - when > 1.0:
+            return
+        deadline = time.perf_counter() + self.regather
+        wanted = min(size, self.queue.max_batch)
+        while not self._stopping and len(self.queue.running) + len(self.queue.waiting) < wanted:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._cv.wait(left)
 
     # -- one iteration --------------------------------------------------------------
     def step(self, admitted: list[Job], batch: list[Job]) -> list[Job]:
@@ -173,6 +195,7 @@ class Engine(BackgroundLoop):
                 return [job for one in group for job in self._run([one])]
             _settle(group[0].future, error=_answer(e, group[0], "take a step"))
             return group
+        self._last_call = (len(group), time.perf_counter())
         self.metrics.batch_size.observe(len(group))
         self.metrics.step_seconds.observe(seconds)
         self.profile.observe(len(group), seconds)

@@ -37,6 +37,7 @@ class Limits:
     max_connections: int = 1024
     header_timeout: float = 5.0  # seconds for a connection to send a request's headers
     body_timeout: float = 30.0  # seconds for a request's whole body
+    regather: float = 0.05  # seconds the engine waits for a finished wave's clients to send again (engine.py)
 
 
 def build_app(model: str, *, name: str | None = None, vae: str | None = None, token: str | None = None,
@@ -58,7 +59,8 @@ def build_app(model: str, *, name: str | None = None, vae: str | None = None, to
         admission.check(limits.max_batch)
     worker = Worker.load(model, name, vae, device=device, dtype=dtype, max_steps=limits.max_steps,
                          max_size=limits.max_size)
-    engine = Engine(worker, limits.max_batch, limits.max_waiting, max_bytes=limits.max_queue_bytes)
+    engine = Engine(worker, limits.max_batch, limits.max_waiting, max_bytes=limits.max_queue_bytes,
+                    regather=limits.regather)
     if admission is not None and admission.warm_up:
         from .profile import warm_up
 
