@@ -105,6 +105,7 @@ def test_serve_engine_ray_from_the_command_line_starts_answers_and_stops(paths):
     (["--engine", "nope"], "--engine must be local or ray"),
     (["--engine", "ray", "--autoscale", "3"], "--autoscale '3' is not MIN:MAX"),
     (["--engine", "ray", "--autoscale", "3:1"], "--autoscale MIN:MAX needs"),
+    (["--engine", "ray", "--device", "cuda:1"], "Ray shows each replica its own GPU as cuda:0"),
 ])
 def test_bad_engine_options_are_one_line(args, message):
     import subprocess
@@ -113,6 +114,16 @@ def test_bad_engine_options_are_one_line(args, message):
     r = subprocess.run([sys.executable, "-m", "splitdiff", "serve", *args], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_replicas_reserve_what_they_compute_with():
+    app = replicas.application({"model": "cloud"}, replicas.RayOptions(replicas=3, cpus=2, gpus=0.5), max_batch=8)
+    deployment = app._bound_deployment
+    assert deployment.num_replicas == 3 and deployment.max_ongoing_requests == 16
+    assert deployment.ray_actor_options["num_cpus"] == 2 and deployment.ray_actor_options["num_gpus"] == 0.5
+    scaled = replicas.application({"model": "cloud"}, replicas.RayOptions(autoscale=(1, 4)), max_batch=8)
+    config = scaled._bound_deployment._deployment_config.autoscaling_config
+    assert (config.min_replicas, config.max_replicas) == (1, 4)
 
 
 def test_the_same_api_and_one_line_errors(cluster, paths):

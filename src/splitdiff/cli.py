@@ -286,6 +286,8 @@ def serve(
                                           "one here)."),
     replica_cpus: float = typer.Option(1.0, min=0.01, help="With --engine ray: CPUs (and torch threads) each "
                                        "replica takes."),
+    replica_gpus: Optional[float] = typer.Option(None, min=0, help="With --engine ray: GPUs each replica takes "
+                                                 "(default: 1 when --device is a GPU, else 0)."),
 ):
     """Serve a model's first steps over HTTP with step-level batching (API docs at /docs)."""
     if role != "cloud":
@@ -300,13 +302,19 @@ def serve(
     limits = Limits(max_batch, max_waiting, max_steps, max_size, max_queue_bytes=max_queue_mb * 1024 * 1024,
                     max_connections=max_connections, header_timeout=header_timeout, regather=regather)
     admit = AdmissionConfig(admission, window, capacity, solver, planner_timeout, parse_pai(pai)).check(max_batch)
+    if engine == "ray" and ":" in device:
+        raise UserError("with --engine ray, give --device cuda: Ray shows each replica its own GPU as cuda:0")
     _check_placement(device, dtype)
     build = dict(model=model, name=name, vae=vae, token=load_token(token_file), limits=limits, admission=admit,
                  device=device, dtype=dtype)
     if engine == "ray":
         from .serve.replicas import RayOptions, parse_autoscale, serve_forever
 
-        options = RayOptions(replicas, parse_autoscale(autoscale), address, replica_cpus).check()
+        from .core.devices import resolve_device
+
+        if replica_gpus is None:
+            replica_gpus = 1.0 if resolve_device(device).type == "cuda" else 0.0
+        options = RayOptions(replicas, parse_autoscale(autoscale), address, replica_cpus, replica_gpus).check()
         serve_forever(build, options, max_batch, host, port)
         return
     if engine != "local":

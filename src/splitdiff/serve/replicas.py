@@ -37,6 +37,7 @@ class RayOptions:
     autoscale: tuple[int, int] | None = None  # (min, max) replicas; None: a fixed `replicas`
     address: str | None = None  # a Ray cluster to join; None: start one on this machine
     cpus: float = 1.0  # CPUs each replica reserves (its torch threads)
+    gpus: float = 0.0  # GPUs each replica reserves: Ray shows a replica only the GPUs it reserved
     max_ongoing: int | None = None  # requests a replica takes at once (default: twice its max batch)
     max_queued: int = 256  # requests the router holds beyond them before answering 503
 
@@ -47,6 +48,8 @@ class RayOptions:
             raise UserError(f"--autoscale MIN:MAX needs 0 <= MIN <= MAX and MAX >= 1, not {self.autoscale}")
         if not self.cpus > 0:
             raise UserError(f"--replica-cpus must be positive, not {self.cpus}")
+        if not self.gpus >= 0:
+            raise UserError(f"--replica-gpus must be 0 or more, not {self.gpus}")
         return self
 
 
@@ -90,7 +93,7 @@ def application(build: dict, options: RayOptions, max_batch: int):
     deployment = serve.deployment(
         serve.ingress()(CloudReplica), name=DEPLOYMENT, max_ongoing_requests=options.max_ongoing or 2 * max_batch,
         max_queued_requests=options.max_queued, health_check_period_s=2, graceful_shutdown_timeout_s=5,
-        ray_actor_options={"num_cpus": options.cpus,
+        ray_actor_options={"num_cpus": options.cpus, "num_gpus": options.gpus,
                            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}},
         **scale)
     return deployment.bind(build, threads)
