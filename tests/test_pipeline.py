@@ -142,3 +142,25 @@ def test_the_tiny_decoder_is_taken_when_asked_even_beside_a_pipeline_folder(tiny
     shutil.copytree(tiny_models_dir / "vae", folder / "vae")
     assert not isinstance(SplitPipeline.from_pretrained({"sd": str(folder)}).hybrid.vae, AutoencoderTiny)
     assert isinstance(SplitPipeline.from_pretrained({"sd": str(folder)}, decoder="tiny").hybrid.vae, AutoencoderTiny)
+
+
+def test_generators_and_step_end_callbacks_the_diffusers_way(pipe):
+    by_seed = pipe(PROMPT, plan="cloud:2,edge:2", steps=4, seed=5, size=32).trajectories[0]
+    by_gen = pipe(PROMPT, plan="cloud:2,edge:2", steps=4, size=32,
+                  generator=torch.Generator().manual_seed(5)).trajectories[0]
+    assert torch.equal(by_seed.latents, by_gen.latents) and by_gen.seed == 5
+    used = torch.Generator().manual_seed(5)
+    torch.randn(1, generator=used)
+    with pytest.raises(UserError, match="has drawn numbers"):
+        pipe(PROMPT, plan="cloud:2,edge:2", steps=4, size=32, generator=used)
+
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        seen.append((step, int(timestep), kwargs["latents"].shape))
+        return {"latents": kwargs["latents"] * 0} if step == 3 else None
+
+    out = pipe(PROMPT, plan="cloud:2,edge:2", steps=4, size=32, seed=5, callback_on_step_end=callback)
+    traj = out.trajectories[0]
+    assert [s for s, _, _ in seen] == [0, 1, 2, 3] and [t for _, t, _ in seen] == traj.scheduler.timesteps.tolist()
+    assert not traj.latents.any()  # the last callback's latents replaced the trajectory's

@@ -160,12 +160,25 @@ class SplitPipeline:
     def __call__(self, prompt: str | Sequence[str], plan: str | Plan | None = None, *, steps: int = 25,
                  scheduler: str = "dpmsolver++", seed: int | Sequence[int] = 0, guidance_scale: float = 5.0,
                  negative_prompt: str = "", size: int | None = None, height: int | None = None,
-                 width: int | None = None, on_step: OnStep | None = None) -> SplitOutput:
-        """Generate one image per prompt with the plan; the trajectories come back with them."""
+                 width: int | None = None, on_step: OnStep | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                 callback_on_step_end: Callable | None = None) -> SplitOutput:
+        """Generate one image per prompt with the plan; the trajectories come back with them.
+
+        As in diffusers: `generator` (fresh CPU generators in place of `seed`: one per prompt,
+        or one whose seed is counted up like `seed`'s), and `callback_on_step_end(pipe, step, timestep, {"latents": ...})`
+        after each step run here, whose returned "latents", if any, replace the trajectory's.
+        """
         parsed = self.plan(plan, steps)
+        if generator is not None:
+            seed = _seeds_of(generator)
         first = self.executors.get(parsed[0].model)
         if first is not None and first.can_start:  # e.g. a cloud: it encodes the prompts and runs the first steps
             from .core.segments import StartRequest
+
+            if callback_on_step_end is not None:
+                raise UserError(f"callback_on_step_end needs every step here, and {parsed[0].model!r} starts "
+                                f"trajectories elsewhere")
 
             h, w = self.hybrid.sides(size, height, width)
             trajs = [self.hybrid.run_request(StartRequest(p, negative_prompt, s, steps, scheduler, guidance_scale, h, w),
@@ -174,8 +187,19 @@ class SplitPipeline:
             trajs = self.start(prompt, seed=seed, negative_prompt=negative_prompt, steps=steps, scheduler=scheduler,
                                guidance_scale=guidance_scale, size=size, height=height, width=width)
             for traj in trajs:
-                self.run(traj, parsed, on_step)
+                self.run(traj, parsed, on_step if callback_on_step_end is None else
+                         self._with_callback(traj, on_step, callback_on_step_end))
         return SplitOutput([self.decode(t) for t in trajs], trajs)
+
+    def _with_callback(self, traj: Trajectory, on_step: OnStep | None, callback: Callable) -> OnStep:
+        def step_done(label: str, k: int) -> None:
+            if on_step is not None:
+                on_step(label, k)
+            done = traj.step_index - 1
+            out = callback(self, done, traj.scheduler.timesteps[done], {"latents": traj.latents}) or {}
+            if "latents" in out:
+                traj.latents = out["latents"].detach().to("cpu", torch.float32).reshape(traj.latents.shape)
+        return step_done
 
 
 def _prompts_and_seeds(prompt: str | Sequence[str], seed: int | Sequence[int]) -> tuple[list[str], list[int]]:
@@ -185,3 +209,19 @@ def _prompts_and_seeds(prompt: str | Sequence[str], seed: int | Sequence[int]) -
     if len(seeds) != len(prompts):
         raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     return prompts, seeds
+
+
+def _seeds_of(generator: torch.Generator | Sequence[torch.Generator]) -> int | list[int]:
+    """The seeds fresh CPU generators were made with: a trajectory carries its noise as a seed and a state."""
+    many = not isinstance(generator, torch.Generator)
+    seeds = []
+    for g in (generator if many else [generator]):
+        if g.device.type != "cpu":
+            raise UserError(f"a generator on {g.device} draws other numbers: splitdiff draws its noise on the CPU, "
+                            f"so pass a CPU generator or seed=")
+        seed = g.initial_seed()
+        if not torch.equal(g.get_state(), torch.Generator().manual_seed(seed).get_state()):
+            raise UserError("a generator that has drawn numbers cannot start a trajectory: pass a fresh one "
+                            "(torch.Generator().manual_seed(n)) or seed=n")
+        seeds.append(seed)
+    return seeds if many else seeds[0]
