@@ -150,7 +150,7 @@ def test_a_generation_through_ray_equals_the_single_process_server_and_in_proces
 
 
 def test_a_full_deployment_answers_503_instead_of_queueing_without_bound(cluster):
-    """2 replicas x 2 ongoing + 2 queued: of 12 long requests at once, some are refused at once."""
+    """2 replicas x 2 ongoing + 2 queued: of 12 long requests at once, 6 or more are refused at once."""
     statuses = []
 
     def send(i):
@@ -163,12 +163,12 @@ def test_a_full_deployment_answers_503_instead_of_queueing_without_bound(cluster
         t.start()
     for t in threads:
         t.join()
-    assert statuses.count(200) >= 4 and statuses.count(503) >= 1, statuses
-    assert set(statuses) <= {200, 503}, statuses
+    # at most what the replicas take and the router holds is served; the rest is refused at once, not queued
+    assert 1 <= statuses.count(200) <= 2 * 2 + 2 and set(statuses) == {200, 503}, statuses
 
 
 def test_a_replica_killed_mid_run_loses_no_request(cluster, local, one_thread):
-    long = parse_plan("cloud:150,edge:2")  # about a second on the cloud: long enough to be cut
+    long = parse_plan("cloud:190,edge:2")  # over a second on the cloud: long enough to be cut
     reference = {seed: _generate(cluster, local, seed, plan=long)[0].latents for seed in range(4)}
     results, errors = {}, []
 
