@@ -43,7 +43,7 @@ def cluster(paths):
     port = _free_port()
     build = dict(model=paths["big"], name="cloud", vae=paths["vae"], token=TOKEN, limits=LIMITS)
     options = replicas.RayOptions(replicas=2, cpus=0.5, max_ongoing=2, max_queued=2)
-    replicas.start(build, options, LIMITS.max_batch, "127.0.0.1", port)
+    replicas.start(build, options, "127.0.0.1", port)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -117,11 +117,11 @@ def test_bad_engine_options_are_one_line(args, message):
 
 
 def test_replicas_reserve_what_they_compute_with():
-    app = replicas.application({"model": "cloud"}, replicas.RayOptions(replicas=3, cpus=2, gpus=0.5), max_batch=8)
+    app = replicas.application({"model": "cloud"}, replicas.RayOptions(replicas=3, cpus=2, gpus=0.5))
     deployment = app._bound_deployment
     assert deployment.num_replicas == 3 and deployment.max_ongoing_requests == 16
     assert deployment.ray_actor_options["num_cpus"] == 2 and deployment.ray_actor_options["num_gpus"] == 0.5
-    scaled = replicas.application({"model": "cloud"}, replicas.RayOptions(autoscale=(1, 4)), max_batch=8)
+    scaled = replicas.application({"model": "cloud"}, replicas.RayOptions(autoscale=(1, 4)))
     config = scaled._bound_deployment._deployment_config.autoscaling_config
     assert (config.min_replicas, config.max_replicas) == (1, 4)
 

@@ -315,7 +315,7 @@ def serve(
         if replica_gpus is None:
             replica_gpus = 1.0 if resolve_device(device).type == "cuda" else 0.0
         options = RayOptions(replicas, parse_autoscale(autoscale), address, replica_cpus, replica_gpus).check()
-        serve_forever(build, options, max_batch, host, port)
+        serve_forever(build, options, host, port)
         return
     if engine != "local":
         raise UserError(f"--engine must be local or ray, not {engine!r}")

@@ -27,19 +27,12 @@ from typing import Callable
 from .plan import PlanSegment
 from .trajectory import Trajectory
 
-OnStep = Callable[[str, int], None]  # (segment label, step within the segment)
-
-
 class SegmentFailed(Exception):
     """The segment could not run where it was sent; the pipeline may run it here."""
 
 
 class Declined(Exception):
     """The executor's side decided that this device runs every step itself (not a failure)."""
-
-    def __init__(self, message: str, info=None):
-        super().__init__(message)
-        self.info = info
 
 
 @dataclass(frozen=True)

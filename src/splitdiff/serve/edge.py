@@ -79,7 +79,7 @@ class CloudExecutor(Executor):
             raise SegmentFailed(f"cloud unavailable ({e})") from None
         except Denied as e:
             self.handoff = e.handoff
-            raise Declined("the cloud's admission runs every step on this device", e.handoff) from None
+            raise Declined("the cloud's admission runs every step on this device") from None
         return traj
 
 

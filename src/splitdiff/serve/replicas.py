@@ -82,10 +82,13 @@ class CloudReplica:
         return self.server_app
 
 
-def application(build: dict, options: RayOptions, max_batch: int):
+def application(build: dict, options: RayOptions):
     """The Ray Serve application: `build` (build_app's keyword arguments) for every replica."""
     from ray import serve
 
+    from .server import Limits
+
+    max_batch = (build.get("limits") or Limits()).max_batch
     scale = {"num_replicas": options.replicas} if options.autoscale is None else {
         "autoscaling_config": {"min_replicas": options.autoscale[0], "max_replicas": options.autoscale[1],
                                "target_ongoing_requests": max_batch}}
@@ -110,13 +113,13 @@ def init_ray(options: RayOptions) -> None:
                  **({} if options.address else {"object_store_memory": 256 * 1024 * 1024}))
 
 
-def start(build: dict, options: RayOptions, max_batch: int, host: str, port: int) -> None:
+def start(build: dict, options: RayOptions, host: str, port: int) -> None:
     """Start (or join) Ray, and the application on http://host:port; returns once its replicas answer."""
     from ray import serve
 
     init_ray(options)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(application(build, options, max_batch), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(application(build, options), name=APP_NAME, route_prefix="/", blocking=False)
 
 
 def check_installed() -> None:
@@ -127,7 +130,7 @@ def check_installed() -> None:
         raise UserError("--engine ray needs Ray Serve: pip install 'splitdiff[ray]'")
 
 
-def serve_forever(build: dict, options: RayOptions, max_batch: int, host: str, port: int) -> None:
+def serve_forever(build: dict, options: RayOptions, host: str, port: int) -> None:
     """`splitdiff serve --engine ray`: start, then hold until SIGINT or SIGTERM, then take it all down."""
     import signal
     import threading
@@ -138,7 +141,7 @@ def serve_forever(build: dict, options: RayOptions, max_batch: int, host: str, p
         init_ray(options)
         # after ray.init, which installs handlers of its own that end the process with a crash report
         old = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-        start(build, options, max_batch, host, port)
+        start(build, options, host, port)
         print(f"splitdiff serving on http://{host}:{port} with Ray Serve "
               f"({'autoscaling %d..%d' % options.autoscale if options.autoscale else f'{options.replicas} replicas'})",
               flush=True)
